@@ -1,0 +1,3 @@
+from assistant_forge.cli import main
+
+raise SystemExit(main())

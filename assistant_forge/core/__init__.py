@@ -1,0 +1,1 @@
+"""Headless core: never imports textual, and imports torch only inside functions."""

@@ -1,0 +1,173 @@
+"""The typed training config: TOML in, validated model out, TOML back; one-sentence errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from assistant_forge.core.templates import TEMPLATES
+from assistant_forge.errors import ForgeError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    path: str = Field("demo", description="local HF folder, hub id, or 'demo' (the embedded SmolLM2-135M)")
+    chat_template: str = Field("chatml", description="one of the named templates; drives the whole pipeline")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off unless you trust it)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        if v not in TEMPLATES:
+            raise ValueError(f"unknown chat template {v!r}, known: {', '.join(TEMPLATES)}")
+        return v
+
+
+class DataSection(_Section):
+    files: list[str] = Field(default_factory=list, description="datasets in any format `forge data convert` reads")
+    max_length: int = Field(2048, ge=16, le=1_048_576)
+    packing: bool = Field(True, description="pack samples to max_length; samples never attend to each other")
+    system_prompt: str | None = Field(None, description="prepended to every conversation without a system turn")
+    replay_ratio: float = Field(0.0, ge=0.0, le=0.9, description="share of training samples that replay the base model's own answers")
+    replay_prompts: int = Field(64, ge=0, description="how many generic prompts the base model answers for replay")
+    general_files: list[str] = Field(default_factory=list, description="general chat data mixed in to keep abilities")
+
+
+class LoraSection(_Section):
+    method: Literal["lora", "qlora", "full"] = "qlora"
+    r: int = Field(64, ge=1, le=4096)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    layers_from: int = Field(0, ge=0, description="adapt only layers with index >= this (0: all layers)")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class TrainSection(_Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0: run all epochs)")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(16, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = True
+    optimizer: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = "paged_adamw_32bit"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype; auto picks bf16 on GPUs that have it, fp32 on CPU")
+    seed: int = 42
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: torch's default)")
+    memory_budget_gib: float = Field(0, ge=0, description="GPU memory to fit into (0: what the GPU has)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvalSection(_Section):
+    prompts: list[str] = Field(default_factory=lambda: ["Who are you?", "What is the capital of France?"])
+    sample_every: int = Field(50, ge=0, description="generate sample answers every N steps (0: only before and after)")
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+
+
+class IdentitySection(_Section):
+    """Who the assistant is: used by `forge eval` and the TUI's dataset screen."""
+
+    name: str = ""
+    author: str = ""
+
+
+class ForgeConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    identity: IdentitySection = Field(default_factory=IdentitySection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ForgeConfig:
+        if self.lora.method == "full" and self.lora.layers_from:
+            raise ValueError("lora.layers_from applies to LoRA only, not method = 'full'")
+        return self
+
+    def to_toml(self, header: str = "") -> str:
+        body = tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+        return (header.rstrip() + "\n\n" if header else "") + body
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        section_model: type[BaseModel] = ForgeConfig
+        for part in loc[:-1]:
+            field = section_model.model_fields.get(part)
+            if field is None or not isinstance(field.annotation, type):
+                break
+            section_model = field.annotation
+        return f"unknown key {where!r}.{did_you_mean(loc[-1], list(section_model.model_fields))}"
+    value = raw
+    for part in loc:
+        value = value.get(part) if isinstance(value, dict) else None
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where} = {value!r}: {msg}" if value is not None else f"{where}: {msg}"
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> ForgeConfig:
+    try:
+        return ForgeConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+        raise ForgeError(f"{source}: {_describe(first, raw)}{more}") from None
+
+
+def load_config(path: str | Path) -> ForgeConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ForgeError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ForgeError(f"Config file {path} cannot be read: {e}.") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ForgeError(f"{path} is not valid TOML: {e}.") from None
+    cfg = parse_config(raw, str(path))
+    # Relative dataset paths are relative to the config file, like XTuner's configs.
+    base = path.resolve().parent
+    cfg.data.files = [str(_rel(base, f)) for f in cfg.data.files]
+    cfg.data.general_files = [str(_rel(base, f)) for f in cfg.data.general_files]
+    if cfg.model.path != "demo" and not Path(cfg.model.path).expanduser().is_absolute() and (base / cfg.model.path).exists():
+        cfg.model.path = str(base / cfg.model.path)
+    return cfg
+
+
+def _rel(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+def save_config(cfg: ForgeConfig, path: str | Path, header: str = "") -> None:
+    from assistant_forge.core.fsutil import atomic_write_text
+
+    atomic_write_text(Path(path), cfg.to_toml(header))

