@@ -78,6 +78,10 @@ class TrainSection(_Section):
     logging_steps: int = Field(1, ge=1)
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: torch's default)")
     memory_budget_gib: float = Field(0, ge=0, description="GPU memory to fit into (0: what the GPU has)")
+    fused_kernels: bool = Field(True, description="forge's fast GPU path: fused LoRA, fused cross-entropy, Liger kernels (CUDA only)")
+    checkpoint_policy: Literal["auto", "all", "offload", "none"] = Field(
+        "auto", description="auto: checkpoint only as many layers as the memory budget needs; offload: all, inputs kept on the host"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -94,7 +98,15 @@ class IdentitySection(_Section):
     author: str = ""
 
 
+class MetaSection(_Section):
+    """What `forge presets list` shows; no effect on training."""
+
+    description: str = ""
+    min_gpu_gib: float = Field(0, ge=0, description="smallest GPU this preset is meant to fit (0: runs on CPU)")
+
+
 class ForgeConfig(_Section):
+    meta: MetaSection = Field(default_factory=MetaSection)
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraSection = Field(default_factory=LoraSection)

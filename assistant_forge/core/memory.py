@@ -1,0 +1,295 @@
+"""GPU memory estimate for one training step, and the checkpointing plan that fits a budget.
+
+Pure arithmetic (no torch import): the TUI and `forge train --dry-run` can call it cheaply, and
+`assistant_forge.training.speed` uses it to decide how many decoder layers to checkpoint.
+
+The numbers model forge's own fast path (bf16 residual stream, fused LoRA, chunked fused
+cross-entropy, Liger RMSNorm/RoPE/SwiGLU) and, with `fused=False`, the plain transformers + PEFT
+path. They estimate torch's *peak allocated* memory (`torch.cuda.max_memory_allocated`); the
+CUDA context (~0.5 GiB) and allocator slack come on top of that in `nvidia-smi`. Constants were
+checked against measured peaks on an H200 (bench/gpu_notes.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from assistant_forge.core.config import ForgeConfig
+
+GIB = 1024**3
+BF16 = 2
+FP32 = 4
+# Bytes per weight of a bitsandbytes 4-bit linear: packed 4-bit codes, one absmax per block of 64,
+# and with double quantization that absmax is itself 8-bit with an fp32 scale per 256 blocks.
+NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+# Optimizer state bytes per trainable parameter; paged states live in CUDA unified memory, which
+# torch's allocator does not count and which spills to the host under pressure.
+OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
+FUSED_CE_ROWS_X_VOCAB = 1 << 23  # rows of a fused cross-entropy chunk times vocab (speed.py uses the same)
+OVERHEAD = int(0.15 * GIB)  # cuBLAS workspaces, RoPE tables, masks, small tensors
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The handful of numbers of a decoder-only transformer that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection in one decoder layer."""
+        d, f = self.hidden, self.intermediate
+        return {
+            "q_proj": (d, self.q_dim),
+            "k_proj": (d, self.kv_dim),
+            "v_proj": (d, self.kv_dim),
+            "o_proj": (self.q_dim, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+        }
+
+    def linear_params_per_layer(self) -> int:
+        return sum(i * o for i, o in self.linear_shapes().values())
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def total_params(self) -> int:
+        norms = (2 * self.layers + 1) * self.hidden
+        return self.layers * self.linear_params_per_layer() + self.embedding_params() + norms
+
+
+def model_shape(model_config: dict[str, Any] | Any) -> ModelShape:
+    """Read a transformers config (object or dict) into a ModelShape."""
+
+    def get(key: str, default: Any = None) -> Any:
+        if isinstance(model_config, dict):
+            return model_config.get(key, default)
+        return getattr(model_config, key, default)
+
+    hidden = int(get("hidden_size"))
+    heads = int(get("num_attention_heads"))
+    return ModelShape(
+        hidden=hidden,
+        intermediate=int(get("intermediate_size")),
+        layers=int(get("num_hidden_layers")),
+        heads=heads,
+        kv_heads=int(get("num_key_value_heads") or heads),
+        head_dim=int(get("head_dim") or hidden // heads),
+        vocab=int(get("vocab_size")),
+        tied=bool(get("tie_word_embeddings", False)),
+    )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak device memory of one training step, in bytes, by what holds it."""
+
+    weights: int  # frozen base weights (4-bit or bf16 linears, bf16 embeddings and norms)
+    trainable: int  # trainable parameters (LoRA adapters in fp32, or the whole model)
+    gradients: int
+    optimizer: int  # optimizer state counted on the device
+    checkpoint_inputs: int  # the input kept for each checkpointed layer (0 when offloaded to the host)
+    saved_activations: int  # everything kept by the layers that are not checkpointed
+    layer_workspace: int  # one layer's recomputed activations and backward temporaries
+    loss: int  # logits / fused cross-entropy working set
+    overhead: int
+    optimizer_paged: int  # paged optimizer state (unified memory: not in the total)
+    seq_len: int
+    num_layers: int
+    checkpointed_layers: int
+    offload: bool
+    per_layer_activations: int  # what one non-checkpointed layer keeps
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights
+            + self.trainable
+            + self.gradients
+            + self.optimizer
+            + self.checkpoint_inputs
+            + self.saved_activations
+            + max(self.layer_workspace, self.loss)
+            + self.overhead
+        )
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def breakdown_gib(self) -> dict[str, float]:
+        skip = {"seq_len", "num_layers", "checkpointed_layers", "offload"}
+        out = {f.name: round(getattr(self, f.name) / GIB, 3) for f in fields(self) if f.name not in skip}
+        out["total"] = round(self.total_gib, 3)
+        return out
+
+    def summary(self) -> str:
+        plan = f"{self.checkpointed_layers}/{self.num_layers} layers checkpointed" + (
+            ", inputs offloaded to host" if self.offload else ""
+        )
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.breakdown_gib().items() if v and k != "total")
+        return f"~{self.total_gib:.2f} GiB peak at {self.seq_len} tokens ({plan}): {parts}"
+
+
+def _lora_params(cfg: ForgeConfig, shape: ModelShape) -> int:
+    targets = set(cfg.lora.target_modules)
+    if targets & {"all-linear", "all_linear"}:
+        targets = set(ATTN_TARGETS + MLP_TARGETS)
+    per_layer = sum(cfg.lora.r * (i + o) for n, (i, o) in shape.linear_shapes().items() if n in targets)
+    adapted_layers = max(0, shape.layers - cfg.lora.layers_from)
+    return per_layer * adapted_layers
+
+
+def _layer_activations(shape: ModelShape, tokens: int, fused: bool, dropout: float, eager: bool) -> int:
+    """Bytes one decoder layer keeps for backward when it is not checkpointed (its input excluded)."""
+    d, f, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    if fused:
+        # norm1 out, rotated q, k, v, attention out (kept by the kernel) and its contiguous copy
+        # (kept by o_proj), h + attn, norm2 out, gate, up and silu(gate)*up.
+        elems = 3 * d + 3 * q + 2 * kv + 3 * f
+    else:
+        # HF RMSNorm keeps fp32 copies (counted as 2 bf16 each), PEFT keeps dropout outputs, SiLU keeps
+        # its input and output separately.
+        elems = 3 * d + 3 * q + 2 * kv + 4 * f + 2 * 2 * 2 * d
+        if dropout > 0:
+            elems += 5 * d + q + f  # dropout outputs of the LoRA inputs
+    total = elems * BF16 * tokens
+    if dropout > 0:
+        total += (5 * d + q + f) * tokens  # one bool mask per LoRA input
+    if eager:
+        total += shape.heads * tokens * tokens * BF16 * 2  # attention probabilities and their grad
+    return total
+
+
+def estimate_memory(
+    cfg: ForgeConfig,
+    model_config: dict[str, Any] | Any,
+    *,
+    seq_len: int | None = None,
+    checkpointed_layers: int | None = None,
+    offload: bool | None = None,
+    fused: bool | None = None,
+) -> MemoryEstimate:
+    """Peak device memory of one training step of `cfg` on the model `model_config` describes.
+
+    seq_len: tokens per micro-batch (default: data.max_length x train.micro_batch_size, as packing
+    fills each row). checkpointed_layers / offload: the plan (default: what cfg asks for, with
+    `auto` meaning every layer). fused: forge's fast path (default: train.fused_kernels).
+    """
+    shape = model_shape(model_config)
+    t = cfg.train
+    tokens = seq_len or cfg.data.max_length * t.micro_batch_size
+    fused = getattr(t, "fused_kernels", True) if fused is None else fused
+    policy = getattr(t, "checkpoint_policy", "auto")
+    if checkpointed_layers is None:
+        checkpointed_layers = shape.layers if t.gradient_checkpointing and policy != "none" else 0
+    checkpointed_layers = max(0, min(shape.layers, checkpointed_layers))
+    if offload is None:
+        offload = policy == "offload"
+
+    linear = shape.layers * shape.linear_params_per_layer()
+    other = shape.total_params() - linear
+    method = cfg.lora.method
+    opt_bytes = OPTIMIZER_BYTES.get(t.optimizer, 8)
+    if method == "full":
+        weights = 0
+        trainable = shape.total_params() * BF16
+        gradients = trainable
+        n_trainable = shape.total_params()
+    else:
+        per_weight = NF4_BYTES[cfg.lora.double_quant] if method == "qlora" else BF16
+        weights = int(linear * per_weight + other * BF16)
+        n_trainable = _lora_params(cfg, shape)
+        trainable = n_trainable * FP32
+        gradients = trainable
+    opt_state = n_trainable * opt_bytes
+    paged = t.optimizer.startswith("paged_")
+    dropout = cfg.lora.dropout if method != "full" else 0.0
+    eager = cfg.model.attn_implementation == "eager"
+
+    per_layer = _layer_activations(shape, tokens, fused, dropout, eager)
+    d_in = tokens * shape.hidden * BF16
+    ckpt_inputs = 0 if offload else checkpointed_layers * d_in
+    saved = (shape.layers - checkpointed_layers) * (per_layer + d_in)
+    # Backward of one layer: the gradient buffers of its widest activations, two dequantized
+    # weights (forward and backward of neighbouring projections overlap), and a recompute.
+    widest = max(i * o for i, o in shape.linear_shapes().values())
+    bwd_temp = tokens * (3 * shape.intermediate + 4 * shape.hidden) * BF16
+    bwd_temp += (2 * widest * BF16) if method == "qlora" else 0
+    workspace = bwd_temp + (per_layer + (d_in if offload else 0) if checkpointed_layers else 0)
+    if fused:
+        rows = max(1, min(tokens, FUSED_CE_ROWS_X_VOCAB // shape.vocab))
+        loss = rows * shape.vocab * (BF16 + FP32 + FP32) + 2 * d_in
+    else:
+        loss = tokens * shape.vocab * (BF16 + FP32 + FP32 + BF16)
+    return MemoryEstimate(
+        weights=weights,
+        trainable=trainable,
+        gradients=gradients,
+        optimizer=0 if paged else opt_state,
+        checkpoint_inputs=ckpt_inputs,
+        saved_activations=saved,
+        layer_workspace=workspace,
+        loss=loss,
+        overhead=OVERHEAD,
+        optimizer_paged=opt_state if paged else 0,
+        seq_len=tokens,
+        num_layers=shape.layers,
+        checkpointed_layers=checkpointed_layers,
+        offload=offload,
+        per_layer_activations=per_layer + d_in,
+    )
+
+
+def fit_checkpointing(
+    cfg: ForgeConfig,
+    model_config: dict[str, Any] | Any,
+    budget_bytes: int,
+    *,
+    seq_len: int | None = None,
+    fused: bool | None = None,
+) -> MemoryEstimate:
+    """The fastest checkpointing plan whose estimate fits `budget_bytes`.
+
+    Fewest checkpointed layers first (each one skipped saves a recompute of that layer's
+    forward, about a third of its cost); if even checkpointing every layer does not fit, offload the
+    checkpointed inputs to the host. Returns the all-layers-offloaded plan when nothing fits.
+    """
+    layers = model_shape(model_config).layers
+
+    def est(n: int, off: bool) -> MemoryEstimate:
+        return estimate_memory(
+            cfg, model_config, seq_len=seq_len, checkpointed_layers=n, offload=off, fused=fused
+        )
+
+    # Memory falls as n grows, so bisect for the smallest n that fits.
+    if est(layers, False).total <= budget_bytes:
+        lo, hi = 0, layers
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if est(mid, False).total <= budget_bytes:
+                hi = mid
+            else:
+                lo = mid + 1
+        return est(lo, False)
+    return est(layers, True)

@@ -1,0 +1,108 @@
+"""Adapter export (`forge convert`, XTuner's pth_to_hf) and merging an adapter into its base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from assistant_forge.core.chat import ADAPTER_META, adapter_meta
+from assistant_forge.core.encoding import load_tokenizer, stop_token_ids
+from assistant_forge.core.models import resolve_model
+from assistant_forge.core.runs import checkpoint_for, run_config
+from assistant_forge.core.templates import get_template
+from assistant_forge.errors import ForgeError
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ForgeError(f"{out} already exists and is not empty; pass --force to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the finished folder into place: readers never see a half-written one."""
+    if out.exists():
+        shutil.rmtree(out)
+    staging.replace(out)
+    out.chmod(0o755)
+
+
+def _save_tokenizer(tok: Any, template_name: str, folder: Path) -> None:
+    tok.chat_template = get_template(template_name).export_jinja()
+    tok.save_pretrained(folder)
+
+
+def convert(run: Path, out: str | Path, step: int | None = None, force: bool = False) -> Path:
+    """Export a run's checkpoint as a PEFT adapter folder with the run's tokenizer and template."""
+    cfg = run_config(run)
+    if cfg.lora.method == "full":
+        raise ForgeError("This run trained all weights (method = 'full'): its checkpoints are already full models.")
+    ckpt = checkpoint_for(run, step)
+    missing = [f for f in ADAPTER_FILES if not (ckpt / f).is_file()]
+    if missing:
+        raise ForgeError(f"Checkpoint {ckpt} lacks {', '.join(missing)}; it is not a LoRA checkpoint.")
+    out = Path(out).expanduser()
+    staging = _prepare_out(out, force)
+    try:
+        for f in ADAPTER_FILES:
+            shutil.copy2(ckpt / f, staging / f)
+        base = resolve_model(cfg.model.path)
+        tok = load_tokenizer(base, get_template(cfg.model.chat_template), cfg.model.trust_remote_code)
+        _save_tokenizer(tok, cfg.model.chat_template, staging)
+        meta = {"base_model": cfg.model.path, "base_model_path": base, "chat_template": cfg.model.chat_template,
+                "run": str(run), "step": int(ckpt.name.split("-")[-1]), "system_prompt": cfg.data.system_prompt}
+        (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str = "2GB", dtype: str = "bf16",
+          force: bool = False, template: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its full-precision base and save safetensors, tokenizer and template."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if dtype not in _DTYPES:
+        raise ForgeError(f"--dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}.")
+    adapter = Path(adapter).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise ForgeError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); make one with `forge convert`.")
+    path = resolve_model(base)
+    qc = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "quantization_config", None)
+    if qc:
+        q = qc if isinstance(qc, dict) else qc.to_dict()
+        if q.get("load_in_4bit") or q.get("load_in_8bit") or q.get("quant_method") in ("bitsandbytes", "gptq", "awq"):
+            raise ForgeError(f"{base} is a quantized model; merging needs the full-precision base weights "
+                             "(merging into 4-bit weights would lose the adapter's precision).")
+    meta = adapter_meta(adapter)
+    template_name = template or meta.get("chat_template") or "chatml"
+    out = Path(out).expanduser()
+    staging = _prepare_out(out, force)
+    try:
+        torch_dtype = getattr(torch, _DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tok = load_tokenizer(path, get_template(template_name), trust_remote_code)
+        _save_tokenizer(tok, template_name, staging)
+        gen = GenerationConfig.from_model_config(model.config)
+        gen.eos_token_id = stop_token_ids(tok, get_template(template_name))
+        gen.pad_token_id = tok.pad_token_id
+        gen.save_pretrained(staging)
+        (staging / ADAPTER_META).write_text(json.dumps({**meta, "chat_template": template_name, "merged_from": str(adapter)}, indent=2) + "\n")
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,256 @@
+"""The run directory contract shared by the trainer and everything that watches it.
+
+<run>/config.toml    resolved config (never edited after start)
+<run>/status.json    pid, state, reason, times, step/total
+<run>/events.jsonl   one JSON object per logged step
+<run>/samples.jsonl  sample answers (before, every N steps, after)
+<run>/train.log      the trainer's stdout/stderr (a file: a full pipe would stall training)
+<run>/checkpoints/checkpoint-N/  complete once it holds COMPLETE_MARKER
+<run>/.lock          held (flock) by the live trainer: a pid alone can be stale or reused
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from assistant_forge.core.config import ForgeConfig, load_config, save_config
+from assistant_forge.core.fsutil import atomic_write_json
+from assistant_forge.errors import ForgeError, did_you_mean
+from assistant_forge.paths import runs_dir
+
+COMPLETE_MARKER = "forge_complete.json"
+LIVE_STATES = ("starting", "running", "stopping")
+LOCK_NAME = ".lock"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the lock -----------------------------------------------------------------------------------
+
+class RunLock:
+    """The trainer's exclusive lock on a run directory, held for the trainer's whole life."""
+
+    def __init__(self, run: Path):
+        self.path = run / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self, wait_s: float = 2.0) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                # A watcher may hold a shared lock for an instant while it checks liveness.
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    return False
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def trainer_alive(run: Path) -> bool:
+    """True while a trainer holds the run's lock (works even after a crash left a stale pid)."""
+    path = run / LOCK_NAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock if we got it
+    return False
+
+
+# --- status -------------------------------------------------------------------------------------
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_status(run: Path, **fields: Any) -> dict:
+    status = read_json(run / "status.json")
+    status.update(fields, updated=now_iso())
+    atomic_write_json(run / "status.json", status)
+    return status
+
+
+def read_status(run: Path) -> dict:
+    """status.json, with a live state corrected to 'dead' when no trainer holds the lock."""
+    status = read_json(run / "status.json")
+    if status.get("state") in LIVE_STATES and not trainer_alive(run):
+        # Re-read: the trainer may have finished between the two reads.
+        status = read_json(run / "status.json")
+        if status.get("state") in LIVE_STATES and not trainer_alive(run):
+            status["state"] = "dead"
+            status["reason"] = "the trainer process is gone without finishing (killed or crashed); resume with `forge train --resume`"
+    return status
+
+
+# --- finding runs -------------------------------------------------------------------------------
+
+@dataclass
+class RunInfo:
+    path: Path
+    status: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def state(self) -> str:
+        return self.status.get("state", "created")
+
+
+def list_runs(parent: Path | None = None) -> list[RunInfo]:
+    parent = parent or runs_dir()
+    runs = [RunInfo(p, read_status(p)) for p in parent.iterdir() if (p / "config.toml").is_file()] if parent.is_dir() else []
+    return sorted(runs, key=lambda r: r.status.get("started", ""), reverse=True)
+
+
+def find_run(spec: str) -> Path:
+    p = Path(spec).expanduser()
+    if (p / "config.toml").is_file():
+        return p.resolve()
+    names = [r.name for r in list_runs()]
+    if spec in names:
+        return runs_dir() / spec
+    prefixed = [n for n in names if n.startswith(spec)]
+    if len(prefixed) == 1:
+        return runs_dir() / prefixed[0]
+    raise ForgeError(f"No run {spec!r}.{did_you_mean(spec, names)} See `forge runs`.")
+
+
+def new_run_dir(cfg: ForgeConfig, run_dir: str | Path | None = None, label: str = "") -> Path:
+    if run_dir:
+        run = Path(run_dir).expanduser().resolve()
+    else:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label or Path(cfg.model.path).name).strip("-")[:40] or "run"
+        run = runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+    if (run / "config.toml").exists():
+        raise ForgeError(f"{run} already holds a run; use --resume to continue it or pick another --run-dir.")
+    run.mkdir(parents=True, exist_ok=True, mode=0o700)
+    save_config(cfg, run / "config.toml", header="# The resolved config this run trained; not edited after start.")
+    write_status(run, state="created", name=run.name, created=now_iso())
+    return run
+
+
+def run_config(run: Path) -> ForgeConfig:
+    return load_config(run / "config.toml")
+
+
+# --- launching and stopping ---------------------------------------------------------------------
+
+def launch(run: Path, resume: bool = False) -> int:
+    """Start the trainer in its own session, output to train.log; returns its pid at once."""
+    if trainer_alive(run):
+        pid = read_json(run / "status.json").get("pid")
+        raise ForgeError(f"Run directory {run} is in use by a live trainer (pid {pid}); stop it first with `forge runs stop`.")
+    if resume and not complete_checkpoints(run):
+        raise ForgeError(f"Run {run.name} has no complete checkpoint to resume from.")
+    cmd = [sys.executable, "-m", "assistant_forge.training", str(run)] + (["--resume"] if resume else [])
+    with open(run / "train.log", "ab") as log, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(cmd, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=run, close_fds=True)
+    write_status(run, state="starting", pid=proc.pid, reason="", resumed=resume)
+    return proc.pid
+
+
+def stop(run: Path, wait_s: float = 60.0) -> dict:
+    """Ask the trainer to save and stop (SIGTERM); returns the final status."""
+    status = read_status(run)
+    if status.get("state") not in LIVE_STATES:
+        raise ForgeError(f"Run {run.name} is not running (state: {status.get('state', 'unknown')}).")
+    pid = int(status["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return read_status(run)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and trainer_alive(run):
+        time.sleep(0.2)
+    return read_status(run)
+
+
+# --- checkpoints and events ---------------------------------------------------------------------
+
+def complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of checkpoints whose save finished, oldest first."""
+    out = []
+    for d in (run / "checkpoints").glob("checkpoint-*"):
+        if (d / COMPLETE_MARKER).is_file() and d.name.split("-")[-1].isdigit():
+            out.append((int(d.name.split("-")[-1]), d))
+    return sorted(out)
+
+
+def checkpoint_for(run: Path, step: int | None = None) -> Path:
+    done = complete_checkpoints(run)
+    if not done:
+        raise ForgeError(f"Run {run.name} has no complete checkpoint yet.")
+    if step is None:
+        return done[-1][1]
+    for s, d in done:
+        if s == step:
+            return d
+    raise ForgeError(f"Run {run.name} has no complete checkpoint at step {step} (have: {', '.join(str(s) for s, _ in done)}).")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.endswith("\n"):  # a line still being written is skipped
+                    with contextlib.suppress(json.JSONDecodeError):
+                        rows.append(json.loads(line))
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def follow_file(path: Path, run: Path, poll_s: float = 0.5, from_start: bool = True) -> Iterator[str]:
+    """Yield lines of a growing file until the run's trainer is gone and the file is drained."""
+    pos = 0 if from_start else (path.stat().st_size if path.exists() else 0)
+    buf = ""
+    while True:
+        alive = trainer_alive(run) or read_json(run / "status.json").get("state") == "starting"
+        if path.exists():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            yield from lines
+        if not alive:
+            if buf:
+                yield buf
+            return
+        time.sleep(poll_s)

@@ -1,0 +1,1 @@
+"""The trainer side: runs only inside the detached process (`python -m assistant_forge.training RUN`)."""

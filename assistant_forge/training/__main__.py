@@ -1,0 +1,3 @@
+from assistant_forge.training.trainer import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Load the base model for training: device, precision, 4-bit quantization, LoRA, hooks for speed-ups."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from assistant_forge.core.config import ForgeConfig
+from assistant_forge.core.encoding import load_tokenizer
+from assistant_forge.core.models import resolve_model
+from assistant_forge.core.templates import get_template
+from assistant_forge.errors import ForgeError
+
+
+def pick_device(cfg: ForgeConfig) -> str:
+    import torch
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ForgeError("train.device = 'cuda' but no CUDA GPU is visible; set device = 'auto' or 'cpu'.")
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def pick_dtype(cfg: ForgeConfig, device: str) -> Any:
+    import torch
+
+    p = cfg.train.precision
+    if p == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPUs without bf16 units run fp32 fastest
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[p]
+
+
+def check_4bit_available(device: str) -> None:
+    """QLoRA needs bitsandbytes able to run 4-bit on this device; say so plainly if it cannot."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        raise ForgeError(
+            f"QLoRA needs bitsandbytes 4-bit support, which is not usable here ({type(e).__name__}); "
+            "set method = \"lora\" in [lora] or install bitsandbytes."
+        ) from None
+
+
+def quantization_config(cfg: ForgeConfig, dtype: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.lora.quant_type,
+        bnb_4bit_use_double_quant=cfg.lora.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def _hook(name: str) -> Any:
+    """Optional speed-up hooks from training.speed (absent hooks are skipped)."""
+    try:
+        mod = importlib.import_module("assistant_forge.training.speed")
+    except ImportError:
+        return None
+    return getattr(mod, name, None)
+
+
+def load_base(cfg: ForgeConfig, device: str, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(cfg.model.path)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if cfg.lora.method == "qlora":
+        check_4bit_available(device)
+        kwargs["quantization_config"] = quantization_config(cfg, dtype)
+    if device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ForgeError(f"Could not load model {cfg.model.path}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def build_model(cfg: ForgeConfig) -> tuple[Any, Any]:
+    """The trainable model (PEFT-wrapped unless method = 'full') and its tokenizer."""
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    template = get_template(cfg.model.chat_template)
+    tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
+    model = load_base(cfg, device, dtype)
+    if hook := _hook("apply_speedups"):
+        model = hook(model, cfg) or model
+    model = wrap_for_training(model, cfg)
+    if hook := _hook("after_peft"):
+        model = hook(model, cfg) or model
+    return model, tok
+
+
+def wrap_for_training(model: Any, cfg: ForgeConfig) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    ckpt = cfg.train.gradient_checkpointing
+    if cfg.lora.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.method == "lora":
+            model.enable_input_require_grads()
+    if cfg.lora.method == "full":
+        model.config.use_cache = False
+        return model
+    n_layers = getattr(model.config, "num_hidden_layers", 0)
+    if cfg.lora.layers_from and cfg.lora.layers_from >= n_layers:
+        raise ForgeError(f"lora.layers_from = {cfg.lora.layers_from} but the model has only {n_layers} layers.")
+    targets: Any = "all-linear" if cfg.lora.target_modules == ["all-linear"] else cfg.lora.target_modules
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        layers_to_transform=list(range(cfg.lora.layers_from, n_layers)) if cfg.lora.layers_from else None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise ForgeError(f"LoRA could not be applied: {str(e).splitlines()[0]} (check lora.target_modules).") from None
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,574 @@
+"""forge's fast training path on a CUDA GPU: fused LoRA, fused cross-entropy, Liger kernels, and a
+gradient-checkpointing plan fitted to the memory budget.
+
+Plugged in by `training.modeling.build_model`:
+
+    model = apply_speedups(model, cfg)   # right after loading the base model, before PEFT
+    model = wrap_for_training(model, cfg)
+    model = after_peft(model, cfg)       # last: re-does what prepare_model_for_kbit_training undid
+
+What each piece does, and why it is faster than the plain transformers + PEFT + bitsandbytes step:
+
+* The residual stream stays in bf16. `prepare_model_for_kbit_training` casts embeddings, norms and
+  lm_head to fp32, which makes every activation, attention (no flash kernel in fp32) and the
+  lm_head matmul run in fp32; `after_peft` casts those frozen weights back.
+* Fused LoRA linear (`_LoraLinear`): one autograd node per adapted projection computes
+  `x W^T + s (x A^T) B^T` with the 4-bit weight dequantized straight into a bf16 matmul, adapters
+  kept in fp32 (the optimizer's master copy) but multiplied in bf16, and the LoRA product added in
+  place (`addmm_`). PEFT runs the adapter in fp32 with a dropout copy, a scale and an add, about
+  as much memory traffic as the base matmul. Dropout 0 skips the mask entirely.
+* Fused linear cross-entropy (`_LinearCrossEntropy`): logits are made a chunk of rows at a time,
+  and the gradient for the hidden states is computed in the forward pass, so the fp32 logits
+  (tokens x vocab x 4 bytes, 1 GiB at 8192 x 32000) never exist at once.
+* Liger's Triton RMSNorm, RoPE and SwiGLU kernels (liger-kernel, when installed).
+* Checkpointing only as many decoder layers as the budget needs (`configure_checkpointing`,
+  sized by `core.memory.fit_checkpointing`), and, in the low-memory plan, keeping checkpointed
+  inputs in pinned host memory, copied on a side stream so the copies overlap compute.
+
+Everything here is a no-op on CPU or with `train.fused_kernels = false` (unless `force=True`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from assistant_forge.core import memory as mem
+from assistant_forge.core.config import ForgeConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SpeedReport:
+    """What the fast path changed on a model (kept on the model as `_forge_speed`)."""
+
+    liger: list[str] = field(default_factory=list)
+    fused_loss: bool = False
+    fused_lora_modules: int = 0
+    recast_to_half: int = 0
+    checkpointed_layers: int = 0
+    num_layers: int = 0
+    offload: bool = False
+    estimate_gib: float | None = None
+    budget_gib: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def report(model: Any) -> SpeedReport:
+    """The SpeedReport of `model` (a fresh one if the fast path has not touched it)."""
+    base = _unwrap(model)
+    rep = getattr(base, "_forge_speed", None)
+    if rep is None:
+        rep = SpeedReport()
+        base._forge_speed = rep
+    return rep
+
+
+def enabled(model: Any, cfg: ForgeConfig) -> bool:
+    """The fast path applies to CUDA models with train.fused_kernels on."""
+    if not getattr(cfg.train, "fused_kernels", True):
+        return False
+    try:
+        return next(_unwrap(model).parameters()).device.type == "cuda"
+    except StopIteration:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks called by training.modeling
+# --------------------------------------------------------------------------------------------
+
+
+def apply_speedups(model: Any, cfg: ForgeConfig, *, force: bool = False, liger: bool = True) -> Any:
+    """Before PEFT: Liger kernels and the fused-loss forward on the base model."""
+    if not (force or enabled(model, cfg)):
+        return model
+    rep = report(model)
+    if liger and cfg.lora.method != "full":
+        rep.liger = _apply_liger(model, rep)
+    rep.fused_loss = _patch_fused_loss(model, rep)
+    return model
+
+
+def after_peft(model: Any, cfg: ForgeConfig, *, force: bool = False, seq_len: int | None = None) -> Any:
+    """After PEFT wrapping: bf16 frozen weights, fused LoRA forwards, the checkpointing plan."""
+    if not (force or enabled(model, cfg)):
+        return model
+    rep = report(model)
+    rep.recast_to_half = _recast_frozen_to_half(model)
+    rep.fused_lora_modules = patch_lora_layers(model)
+    configure_checkpointing(model, cfg, seq_len=seq_len)
+    log.info("forge fast path: %s", rep.as_dict())
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Model plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> Any:
+    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    inner = model
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    return inner
+
+
+def _compute_dtype(model: Any) -> Any:
+    import torch
+
+    for m in _unwrap(model).modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            return qs.dtype
+    emb = _unwrap(model).get_input_embeddings()
+    dtype = emb.weight.dtype if emb is not None else torch.float32
+    return torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
+
+
+def _recast_frozen_to_half(model: Any) -> int:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of frozen embeddings, norms and lm_head."""
+    import torch
+
+    dtype = _compute_dtype(model)
+    if dtype == torch.float32:
+        return 0
+    n = 0
+    for p in _unwrap(model).parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The repeated decoder blocks (transformers' GradientCheckpointingLayer instances)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers < 4.52
+        return []
+    return [m for m in _unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+# --------------------------------------------------------------------------------------------
+# Liger kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _apply_liger(model: Any, rep: SpeedReport) -> list[str]:
+    try:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except Exception as e:  # not installed, or no triton / no GPU
+        rep.notes.append(f"liger-kernel unavailable ({type(e).__name__}): RMSNorm/RoPE/SwiGLU stay unfused")
+        return []
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        rep.notes.append(f"liger-kernel has no kernels for model type {model_type!r}")
+        return []
+    parts = {"rope": True, "rms_norm": True, "swiglu": True}
+    try:
+        # Our own fused loss replaces the lm_head + loss, so Liger's loss patches stay off.
+        _apply_liger_kernel_to_instance(
+            model=model, cross_entropy=False, fused_linear_cross_entropy=False, **parts
+        )
+    except Exception as e:
+        rep.notes.append(f"liger-kernel failed on {model_type} ({type(e).__name__}: {e})")
+        return []
+    return sorted(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused LoRA linear
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_weight(base: Any, dtype: Any) -> Any:
+    """The base layer's weight as a dense (out, in) tensor in `dtype` (dequantized if 4-bit)."""
+    w = base.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None:
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(w.data, qs)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _fast_base(base: Any) -> bool:
+    """A plain linear or a bitsandbytes 4-bit linear (8-bit and others keep PEFT's path)."""
+    import torch
+
+    w = getattr(base, "weight", None)
+    if not isinstance(base, torch.nn.Linear) or w is None:
+        return False
+    if getattr(w, "quant_state", None) is not None:
+        return True
+    return w.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _make_lora_fn() -> Any:
+    import torch
+
+    class _LoraLinear(torch.autograd.Function):
+        """y = x W^T (+ bias) + s * (drop(x) A^T) B^T with W frozen (maybe 4-bit), A and B trainable.
+
+        Saves x (shared by q/k/v, so nearly free), x A^T (tokens x r) and, with dropout, a bool mask.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, a: Any, b: Any, base: Any, scale: float, p: float) -> Any:
+            dtype = x.dtype
+            a_c, b_c = a.to(dtype), b.to(dtype)
+            keep = None
+            xd = x
+            if p > 0:
+                keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+                xd = x * keep * (1.0 / (1.0 - p))
+            xa = xd @ a_c.t()
+            del xd
+            w = _dense_weight(base, dtype)
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            y = torch.nn.functional.linear(x, w, bias)
+            del w
+            y.addmm_(xa, b_c.t(), alpha=scale)
+            ctx.save_for_backward(x, xa, keep, a, b)
+            ctx.base, ctx.scale, ctx.p = base, scale, p
+            return y
+
+        @staticmethod
+        def backward(ctx: Any, gy: Any) -> Any:
+            x, xa, keep, a, b = ctx.saved_tensors
+            dtype = x.dtype
+            scale, p = ctx.scale, ctx.p
+            g = gy.reshape(-1, gy.shape[-1])
+            a_c, b_c = a.to(dtype), b.to(dtype)
+            gxa = (g @ b_c).mul_(scale)
+            gx = ga = gb = None
+            if ctx.needs_input_grad[2]:
+                gb = (g.t() @ xa).mul_(scale).to(b.dtype)
+            if ctx.needs_input_grad[1]:
+                xd = x if keep is None else x * keep * (1.0 / (1.0 - p))
+                ga = (gxa.t() @ xd).to(a.dtype)
+                del xd
+            if ctx.needs_input_grad[0]:
+                w = _dense_weight(ctx.base, dtype)
+                gx = g @ w
+                del w
+                if keep is None:
+                    gx.addmm_(gxa, a_c)
+                else:
+                    gx.add_((gxa @ a_c).mul_(keep).mul_(1.0 / (1.0 - p)))
+            return gx, ga, gb, None, None, None
+
+    return _LoraLinear
+
+
+@functools.cache
+def _lora_fn() -> Any:
+    return _make_lora_fn()
+
+
+def lora_linear(x: Any, base: Any, a: Any, b: Any, scale: float, p: float = 0.0) -> Any:
+    """The fused LoRA projection of `x` (any leading shape); see _LoraLinear."""
+    lead = x.shape[:-1]
+    y = _lora_fn().apply(x.reshape(-1, x.shape[-1]), a, b, base, float(scale), float(p))
+    return y.view(*lead, y.shape[-1])
+
+
+def _lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Replacement forward of a PEFT LoRA Linear: fused path for one plain adapter, else PEFT's."""
+    import torch
+
+    orig = self._forge_orig_forward
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return orig(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.use_dora.get(name, False):
+        return orig(x, *args, **kwargs)
+    if not _fast_base(self.base_layer):
+        return orig(x, *args, **kwargs)
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    return lora_linear(
+        x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
+    )
+
+
+def patch_lora_layers(model: Any) -> int:
+    """Route every PEFT LoRA Linear through the fused path; returns how many were patched."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and hasattr(m, "lora_A") and _fast_base(getattr(m, "base_layer", None)):
+            if not hasattr(m, "_forge_orig_forward"):
+                m._forge_orig_forward = m.forward
+                m.forward = types.MethodType(_lora_forward, m)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Fused linear cross-entropy
+# --------------------------------------------------------------------------------------------
+
+
+def _make_ce_fn() -> Any:
+    import torch
+
+    class _LinearCrossEntropy(torch.autograd.Function):
+        """Mean (or sum / denom) token cross-entropy of `h @ w.T` against `y`, chunked over rows.
+
+        Logits are rounded to h's dtype before the fp32 softmax, as transformers does (bf16 lm_head
+        output, then `.float()`), so the loss matches the unfused path to rounding.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, h: Any, w: Any, y: Any, denom: Any) -> Any:
+            n, vocab = h.shape[0], w.shape[0]
+            if w.dtype != h.dtype:
+                w = w.to(h.dtype)
+            rows = max(1, min(n, mem.FUSED_CE_ROWS_X_VOCAB // vocab))
+            valid_all = y != IGNORE_INDEX
+            if denom is None:
+                denom = valid_all.sum().clamp_(min=1)
+            inv = 1.0 / torch.as_tensor(denom, dtype=torch.float32, device=h.device)
+            want_grad = ctx.needs_input_grad[0]
+            gh = torch.empty_like(h) if want_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, n, rows):
+                valid = valid_all[s : s + rows]
+                tgt = torch.where(valid, y[s : s + rows], 0)
+                logits = (h[s : s + rows] @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, tgt[:, None]).squeeze(1)
+                total += ((lse - picked) * valid).sum()
+                if gh is not None:
+                    # softmax - onehot, scaled by 1/denom in fp32 before rounding to bf16
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs.scatter_add_(1, tgt[:, None], torch.full_like(picked, -1.0)[:, None])
+                    probs.mul_((valid * inv)[:, None])
+                    torch.mm(probs.to(h.dtype), w, out=gh[s : s + rows])
+                del logits
+            ctx.save_for_backward(gh)
+            return total * inv
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            (gh,) = ctx.saved_tensors
+            return gh * g.to(gh.dtype), None, None, None
+
+    return _LinearCrossEntropy
+
+
+@functools.cache
+def _ce_fn() -> Any:
+    return _make_ce_fn()
+
+
+def fused_linear_cross_entropy(
+    hidden: Any,
+    weight: Any,
+    labels: Any | None = None,
+    *,
+    shift_labels: Any | None = None,
+    num_items_in_batch: Any | None = None,
+) -> Any:
+    """transformers' causal-LM loss (labels shifted by one, -100 ignored, mean or sum / num_items)
+    of `hidden @ weight.T`, without materialising the logits."""
+    import torch
+
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = shift_labels.reshape(-1).to(h.device)
+    denom = num_items_in_batch
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(h.device)
+    return _ce_fn().apply(h, weight, y, denom)
+
+
+def _fused_loss_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    """*ForCausalLM.forward that, when training with labels, returns the loss without logits."""
+    import torch
+
+    orig = self._forge_orig_forward
+    if labels is None or not self.training or not torch.is_grad_enabled() or not self._forge_fused_loss:
+        return orig(*args, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    kwargs.pop("logits_to_keep", None)
+    outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
+    hidden = outputs[0]
+    loss = fused_linear_cross_entropy(
+        hidden, self.lm_head.weight, labels, shift_labels=shift_labels, num_items_in_batch=num_items
+    )
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def _patch_fused_loss(model: Any, rep: SpeedReport) -> bool:
+    import torch
+
+    cfg = model.config
+    head = getattr(model, "lm_head", None)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or base is None:
+        rep.notes.append("fused loss skipped: no plain lm_head")
+        return False
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            rep.notes.append(f"fused loss skipped: model scales logits ({attr})")
+            return False
+    if not hasattr(model, "_forge_orig_forward"):
+        model._forge_orig_forward = model.forward
+        model.forward = types.MethodType(_fused_loss_forward, model)
+    model._forge_fused_loss = True
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient checkpointing plan
+# --------------------------------------------------------------------------------------------
+
+
+class _HostOffload:
+    """saved_tensors hooks that park large CUDA tensors in pinned host memory.
+
+    The device-to-host copy runs on a side stream (the forward keeps computing meanwhile); the
+    tensor's memory is not reused until that copy is done (record_stream). The copy back is
+    issued on the compute stream when backward needs it.
+    """
+
+    min_numel = 1 << 16
+
+    def __init__(self) -> None:
+        self._streams: dict[Any, Any] = {}
+
+    def _stream(self, device: Any) -> Any:
+        import torch
+
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def pack(self, t: Any) -> Any:
+        import torch
+
+        if not t.is_cuda or t.numel() < self.min_numel:
+            return t
+        stream = self._stream(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        host = torch.empty_like(t, device="cpu", pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        t.record_stream(stream)
+        return (t.device, host, done)
+
+    def unpack(self, packed: Any) -> Any:
+        import torch
+
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host, done = packed
+        torch.cuda.current_stream(device).wait_event(done)
+        return host.to(device, non_blocking=True)
+
+
+_OFFLOAD = _HostOffload()
+
+
+def _checkpoint(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def _offloaded_checkpoint(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Non-reentrant checkpoint whose saved inputs (the layer input) live on the host."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.autograd.graph.saved_tensors_hooks(_OFFLOAD.pack, _OFFLOAD.unpack):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def memory_budget_bytes(cfg: ForgeConfig, device: Any = None) -> int:
+    """train.memory_budget_gib, or (when 0) what the GPU can give this process, less a margin."""
+    import torch
+
+    if cfg.train.memory_budget_gib:
+        return int(cfg.train.memory_budget_gib * mem.GIB)
+    if not torch.cuda.is_available():
+        return 1 << 62
+    free, _total = torch.cuda.mem_get_info(device)
+    # Ours already allocated counts as ours; keep 10% for fragmentation and the CUDA context.
+    return int((free + torch.cuda.memory_reserved(device)) * 0.9)
+
+
+def configure_checkpointing(
+    model: Any,
+    cfg: ForgeConfig,
+    *,
+    seq_len: int | None = None,
+    budget_bytes: int | None = None,
+    checkpointed_layers: int | None = None,
+    offload: bool | None = None,
+) -> mem.MemoryEstimate | None:
+    """Set which decoder layers recompute in backward (the first n) and whether their inputs go to
+    the host. Explicit `checkpointed_layers`/`offload` win; else train.checkpoint_policy decides
+    (`auto` fits the budget). Returns the memory estimate of the chosen plan."""
+    layers = decoder_layers(model)
+    rep = report(model)
+    if not layers:
+        rep.notes.append("no decoder layers found: checkpointing left as transformers set it")
+        return None
+    policy = getattr(cfg.train, "checkpoint_policy", "auto") if cfg.train.gradient_checkpointing else "none"
+    model_config = _unwrap(model).config
+    est: mem.MemoryEstimate | None = None
+    if checkpointed_layers is None:
+        if policy == "none":
+            checkpointed_layers, offload = 0, False
+        elif policy in ("all", "offload"):
+            checkpointed_layers, offload = len(layers), policy == "offload"
+        else:
+            budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(cfg)
+            est = mem.fit_checkpointing(cfg, model_config, budget, seq_len=seq_len)
+            checkpointed_layers, offload = est.checkpointed_layers, est.offload
+            rep.budget_gib = round(budget / mem.GIB, 2)
+    offload = bool(offload)
+    if est is None:
+        est = mem.estimate_memory(
+            cfg, model_config, seq_len=seq_len, checkpointed_layers=checkpointed_layers, offload=offload
+        )
+    fn = _offloaded_checkpoint if offload else _checkpoint
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < checkpointed_layers
+        layer._gradient_checkpointing_func = fn
+    rep.checkpointed_layers, rep.num_layers, rep.offload = checkpointed_layers, len(layers), offload
+    rep.estimate_gib = round(est.total_gib, 2)
+    return est
+
+
+def training_args_overrides(cfg: ForgeConfig) -> dict[str, Any]:
+    """TrainingArguments the fast path needs: transformers must not re-enable checkpointing on
+    every layer (that would undo the fitted plan)."""
+    return {"gradient_checkpointing": False}

@@ -1,0 +1,277 @@
+"""The detached trainer: a transformers Trainer writing the run-directory contract as it goes."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from assistant_forge.core.chat import generate_answers
+from assistant_forge.core.config import ForgeConfig
+from assistant_forge.core.dataset import load_many
+from assistant_forge.core.encoding import with_system
+from assistant_forge.core.fsutil import append_jsonl, atomic_write_json, atomic_write_jsonl
+from assistant_forge.core.runs import (
+    COMPLETE_MARKER,
+    RunLock,
+    complete_checkpoints,
+    now_iso,
+    read_jsonl,
+    run_config,
+    write_status,
+)
+from assistant_forge.core.templates import get_template
+from assistant_forge.errors import ForgeError
+from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
+from assistant_forge.training.modeling import build_model, pick_device
+
+OOM_ADVICE = ("out of GPU memory: lower data.max_length or train.micro_batch_size, turn on "
+              "train.gradient_checkpointing, or use method = \"qlora\"")
+
+
+class StopRequested:
+    """Set by SIGTERM (`forge runs stop`): the trainer saves a checkpoint and ends as 'stopped'."""
+
+    flag = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            cls.flag = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        # The trainer runs in its own session; a hang-up of the terminal that started it is not its concern.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _mem_gib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+class RunCallback(TrainerCallback):
+    """Writes events.jsonl, samples.jsonl and status.json; marks complete checkpoints; honours stop."""
+
+    def __init__(self, run: Path, cfg: ForgeConfig, tok: Any, rows: int):
+        self.run, self.cfg, self.tok = run, cfg, tok
+        self.template = get_template(cfg.model.chat_template)
+        self.t0 = time.time()
+        self.start_step = 0
+        self.last = (time.time(), 0)
+        self.rows = rows
+
+    def _samples(self, model: Any, step: int, when: str) -> None:
+        prompts = self.cfg.eval.prompts
+        if not prompts:
+            return
+        convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
+        answers = generate_answers(model, self.tok, self.template, convs, self.cfg.eval.max_new_tokens)
+        for p, a in zip(prompts, answers):
+            append_jsonl(self.run / "samples.jsonl", {"step": step, "when": when, "prompt": p, "answer": a, "time": now_iso()})
+            print(f"[sample step {step}] {p!r} -> {a!r}", flush=True)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.start_step = state.global_step
+        self.t0 = time.time()
+        self.last = (self.t0, state.num_input_tokens_seen or 0)
+        write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps)
+        if state.global_step == 0:
+            self._samples(model, 0, "before")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now = time.time()
+        tokens = state.num_input_tokens_seen or 0
+        dt = max(now - self.last[0], 1e-9)
+        tps = (tokens - self.last[1]) / dt
+        self.last = (now, tokens)
+        done = state.global_step - self.start_step
+        eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else None
+        event = {"step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0, 4),
+                 "loss": round(float(logs["loss"]), 5), "lr": logs.get("learning_rate"),
+                 "grad_norm": round(float(logs["grad_norm"]), 4) if logs.get("grad_norm") is not None else None,
+                 "tokens_per_s": round(tps, 1), "tokens_seen": tokens, "mem_gib": _mem_gib(),
+                 "eta_s": round(eta, 1) if eta is not None else None, "time": now_iso()}
+        append_jsonl(self.run / "events.jsonl", event)
+        write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps,
+                     loss=event["loss"], eta_s=event["eta_s"])
+        print(f"step {state.global_step}/{state.max_steps} loss {event['loss']:.4f} lr {event['lr']:.2e} "
+              f"{event['tokens_per_s']:.0f} tok/s eta {event['eta_s']}s", flush=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        every = self.cfg.eval.sample_every
+        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+            self._samples(model, state.global_step, "during")
+        if state.global_step >= state.max_steps:
+            control.should_save = True  # the final step always leaves a checkpoint
+        if StopRequested.flag:
+            write_status(self.run, state="stopping")
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # Trainer calls on_save after the checkpoint folder is fully written: only now is it complete.
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            atomic_write_json(ckpt / COMPLETE_MARKER, {"step": state.global_step, "time": now_iso()})
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if not StopRequested.flag:
+            self._samples(model, state.global_step, "after")
+
+
+def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict]:
+    """The base model's own answers to generic prompts, cached in the run so a resume reuses them."""
+    path = run / "replay.jsonl"
+    if path.exists():
+        return read_jsonl(path)
+    if cfg.data.replay_ratio <= 0 or cfg.data.replay_prompts <= 0:
+        return []
+    from assistant_forge.core.identity import generic_prompts
+
+    prompts = generic_prompts("replay")[: cfg.data.replay_prompts]
+    template = get_template(cfg.model.chat_template)
+    convs = [with_system([{"role": "user", "content": p}], cfg.data.system_prompt) for p in prompts]
+    print(f"forgetting guard: the base model answers {len(prompts)} generic prompts for replay", flush=True)
+    # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
+    with ctx:
+        answers = generate_answers(model, tok, template, convs, max_new_tokens=cfg.eval.max_new_tokens)
+    recs = [{"messages": [*c, {"role": "assistant", "content": a}]} for c, a in zip(convs, answers) if a.strip()]
+    atomic_write_jsonl(path, recs)
+    return recs
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def training_args(run: Path, cfg: ForgeConfig, device: str) -> TrainingArguments:
+    import torch
+
+    t = cfg.train
+    precision = t.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+    optim = t.optimizer if device == "cuda" or not t.optimizer.startswith(("paged", "adamw_8bit")) else "adamw_torch"
+    return TrainingArguments(
+        output_dir=str(run / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optim,
+        bf16=precision == "bf16" and device == "cuda",
+        fp16=precision == "fp16",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=device == "cpu",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen=True,
+        gradient_checkpointing=False,  # configured on the model in modeling.wrap_for_training
+    )
+
+
+def train_run(run: Path, resume: bool = False) -> str:
+    """Train the run in this process; returns the final state. The caller holds the run lock."""
+    import torch
+    from datasets import Dataset
+
+    cfg = run_config(run)
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    device = pick_device(cfg)
+    records = load_many(cfg.data.files) + load_many(cfg.data.general_files)
+    if not records:
+        raise ForgeError("The config lists no training data; set data.files.")
+    print(f"loading {cfg.model.path} ({cfg.lora.method}) on {device}", flush=True)
+    model, tok = build_model(cfg)
+    replay = build_replay(run, cfg, model, tok)
+    records = mix_replay(records, replay, cfg.data.replay_ratio, cfg.train.seed)
+    template = get_template(cfg.model.chat_template)
+    samples = encode_records(tok, template, records, cfg.data.max_length, cfg.data.system_prompt)
+    if not samples:
+        raise ForgeError("No sample has an assistant token within data.max_length; nothing to learn from.")
+    rows = pack(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)
+    print(f"{len(records)} conversations ({len(replay)} replay answers available) -> {len(samples)} samples "
+          f"-> {len(rows)} rows of <= {cfg.data.max_length} tokens", flush=True)
+    trainer = Trainer(model=model, args=training_args(run, cfg, device), train_dataset=Dataset.from_list(rows),
+                      data_collator=FlatCollator(), callbacks=[RunCallback(run, cfg, tok, len(rows))])
+    checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    # Keep the tokenizer (with the pipeline's template) beside the newest checkpoint for `forge convert`.
+    tok.save_pretrained(run / "tokenizer")
+    return "stopped" if StopRequested.flag else "finished"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run = Path(argv[0]).resolve()
+    resume = "--resume" in argv
+    StopRequested.install()
+    lock = RunLock(run)
+    if not lock.acquire():
+        print(f"error: run directory {run} is in use by another trainer", file=sys.stderr)
+        return 3
+    write_status(run, state="running", pid=_pid(), started=now_iso(), reason="", resumed=resume)
+    state, reason, code = "failed", "", 1
+    try:
+        state = train_run(run, resume)
+        code = 0
+    except ForgeError as e:
+        reason = str(e)
+    except Exception as e:  # every failure ends as a status the watchers can show
+        reason = _explain(e)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        write_status(run, state=state, reason=reason, ended=now_iso())
+        print(f"run {state}" + (f": {reason}" if reason else ""), flush=True)
+        lock.release()
+    return code
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _explain(e: BaseException) -> str:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return OOM_ADVICE
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"the disk is full ({e.strerror}); free space and resume with `forge train --resume`"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Loss masking and packing on the real demo tokenizer and model."""
+
+import pytest
+
+from assistant_forge.core.encoding import IGNORE, encode_chat, render_loss_preview
+from assistant_forge.core.templates import TEMPLATES, get_template
+from assistant_forge.training.data import FlatCollator, pack
+
+CONVS = [
+    [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Forgey, made by Alice."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}],
+    [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是Forgey，Alice开发的助手。"}],
+]
+
+
+def test_loss_only_on_assistant_tokens(demo_tok):
+    t = get_template("chatml")
+    enc = encode_chat(demo_tok, t, CONVS[1], 512)
+    learned = demo_tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE])
+    assert learned == "4<|im_end|>6<|im_end|>"
+    assert render_loss_preview(demo_tok, enc).count("[") == 2
+
+
+def test_truncation_that_removes_every_answer_drops_the_sample(demo_tok):
+    assert encode_chat(demo_tok, get_template("chatml"), CONVS[0], 5) is None
+
+
+def test_exported_templates_lose_only_the_training_markers():
+    for t in TEMPLATES.values():
+        assert "{% generation %}" in t.jinja and "{% generation %}" not in t.export_jinja()
+        assert "endgeneration" not in t.export_jinja()
+
+
+def test_packing_respects_max_length_and_keeps_samples_whole(demo_tok):
+    samples = [encode_chat(demo_tok, get_template("chatml"), c, 512) for c in CONVS * 5]
+    rows = pack(samples, 64, packing=True, seed=0)
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(len(s["input_ids"]) for s in samples)
+    assert len(rows) < len(samples)
+    unpacked = pack(samples, 64, packing=False, seed=0)
+    assert len(unpacked) == len(samples)
+
+
+def test_packed_batch_gives_the_same_loss_as_unpacked(demo_path, demo_tok, torch_one_thread):
+    torch = torch_one_thread
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    samples = [encode_chat(demo_tok, get_template("chatml"), c, 512) for c in CONVS]
+    rows = pack(samples, 4096, packing=True, seed=0)
+    assert len(rows) == 1
+    batch = FlatCollator()(rows)
+    with torch.no_grad():
+        packed = model(**batch).loss.item()
+        total, count = 0.0, 0
+        for s in samples:
+            ids = torch.tensor([s["input_ids"]])
+            labels = torch.tensor([s["labels"]])
+            n = int((labels[0, 1:] != IGNORE).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+            count += n
+        # Without position ids restarting, samples would see each other and the loss would differ.
+        leaky = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
+    assert packed == pytest.approx(total / count, abs=1e-4)
+    assert abs(leaky - packed) > 1e-3
