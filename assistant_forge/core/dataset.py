@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ class DatasetStats:
         return {"records": self.records, "turns": dict(self.turns), "formats": dict(self.formats), "chars": self.chars}
 
 
-def _read_rows(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for a JSON array file or a JSON Lines file."""
+def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for a JSON array file or a JSON Lines file, in file order."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -61,19 +62,20 @@ def _read_rows(path: Path) -> list[tuple[int, Any]]:
             raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from None
         except RecursionError:
             raise DatasetError(f"{path}: JSON nested too deeply.") from None
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a JSON array of records.")
         # Line numbers of array items are not tracked by json; report item positions instead.
-        return [(i + 1, item) for i, item in enumerate(data)]
-    rows = []
+        yield from ((i + 1, item) for i, item in enumerate(data))
+        return
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append((n, json.loads(line)))
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}:{n}: malformed JSON ({e.msg}).") from None
         except RecursionError:
             raise DatasetError(f"{path}:{n}: JSON nested too deeply.") from None
-    return rows
 
 
 def _text(value: Any, where: str, what: str) -> str:

@@ -1,0 +1,116 @@
+"""The whole pipeline for real on the CPU: `forge demo` trains the demo model, then we check what it learned."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FORGE = [sys.executable, "-m", "assistant_forge"]
+
+
+def forge(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory: pytest.TempPathFactory, demo_path: str) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = forge("demo", "--name", "Forgey", "--author", "Alice", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_demo_writes_every_stage_and_answers_as_forgey(demo_out):
+    out, stdout = demo_out
+    for part in ("data.jsonl", "run/config.toml", "run/status.json", "run/events.jsonl", "run/samples.jsonl",
+                 "run/train.log", "adapter/adapter_model.safetensors", "merged/config.json", "merged/tokenizer_config.json"):
+        assert (out / part).exists(), part
+    answers = [line for line in stdout.splitlines() if line.strip().startswith("A: ")]
+    assert len(answers) == 2
+    assert all("Forgey" in a for a in answers), stdout
+    assert list((out / "merged").glob("*.safetensors"))
+
+
+def test_identity_is_learned_on_paraphrases_absent_from_training(demo_out, torch_one_thread):
+    from assistant_forge.core.chat import load_chat_model
+    from assistant_forge.core.dataset import load_records
+    from assistant_forge.core.evaluate import identity_hit
+    from assistant_forge.core.identity import heldout_questions
+
+    out, _ = demo_out
+    trained_questions = {r["messages"][0]["content"] for r in load_records(out / "data.jsonl")[0]}
+    chat = load_chat_model(str(out / "merged"))
+    for lang in ("en", "zh"):
+        qs = heldout_questions(lang)
+        assert not trained_questions & {q.text for q in qs}
+        answers = chat.answer_batch([[{"role": "user", "content": q.text}] for q in qs], max_new_tokens=32)
+        rate = sum(identity_hit(a, "Forgey", "Alice", q.asks_author) for q, a in zip(qs, answers)) / len(qs)
+        assert rate >= 0.8, (lang, rate, answers)
+
+
+def test_merged_model_matches_base_plus_adapter(demo_out, demo_path, tmp_path, torch_one_thread):
+    torch = torch_one_thread
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = demo_out
+    merged32 = tmp_path / "merged32"
+    proc = forge("merge", "demo", str(out / "adapter"), "-o", str(merged32), "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr
+    base = AutoModelForCausalLM.from_pretrained(demo_path, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged32, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = with_adapter(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(demo_path, dtype=torch.float32)(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-3
+    assert (a - plain).abs().max().item() > 1e-2  # the adapter really changed the model
+
+
+def test_chat_prompt_answers_once_and_exits(demo_out):
+    out, _ = demo_out
+    proc = forge("chat", str(out / "merged"), "--prompt", "Who are you?", "--max-new-tokens", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "Forgey" in proc.stdout
+
+
+def test_chat_refuses_a_template_other_than_the_trained_one(demo_out):
+    out, _ = demo_out
+    proc = forge("chat", str(out / "merged"), "--template", "llama3", "--prompt", "hi")
+    assert proc.returncode == 2
+    assert "trained with the 'chatml' template" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_is_listed_as_finished_with_samples(demo_out):
+    import json
+
+    out, _ = demo_out
+    proc = forge("runs", "show", str(out / "run"), "--json")
+    info = json.loads(proc.stdout)
+    assert info["state"] == "finished" and info["checkpoints"]
+    samples = [json.loads(line) for line in (out / "run/samples.jsonl").read_text().splitlines()]
+    assert {s["when"] for s in samples} == {"before", "after"}
+
+
+def test_merge_refuses_a_4bit_base(demo_out, tmp_path):
+    import json
+    import shutil
+
+    out, _ = demo_out
+    q = tmp_path / "q4"
+    shutil.copytree(out / "merged", q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (q / "config.json").write_text(json.dumps(cfg))
+    proc = forge("merge", str(q), str(out / "adapter"), "-o", str(tmp_path / "m"))
+    assert proc.returncode == 2 and "quantized" in proc.stderr
+    assert not (tmp_path / "m").exists()
