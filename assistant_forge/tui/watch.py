@@ -1,0 +1,131 @@
+"""Incremental reading of a run directory for the UI: new events, samples and log lines.
+
+Pure Python and polling by byte offset (inotify is not everywhere, and NFS homes are common on
+GPU boxes). A poll reads only what was appended since the last one, so watching a long run costs
+the same at step 10 and at step 10 000. Runs in a worker thread, never in the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_READ = 1 << 20  # bytes per file per poll: a huge backlog is caught up over several polls
+LOG_BACKLOG = 64 << 10  # a reattached watcher shows only the log's last 64 KiB
+
+
+class FileTail:
+    """Complete lines appended to a file since the last read (a partial last line waits)."""
+
+    def __init__(self, path: Path, backlog: int | None = None) -> None:
+        self.path = path
+        self.pos = 0
+        self.buf = b""
+        self.backlog = backlog
+
+    def read_lines(self) -> list[str]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self.pos:  # truncated or replaced: start over
+            self.pos, self.buf = 0, b""
+        if self.backlog is not None:
+            self.pos = max(self.pos, size - self.backlog)
+            self.backlog = None
+        if size == self.pos:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            chunk = f.read(MAX_READ)
+        self.pos += len(chunk)
+        data = self.buf + chunk
+        *lines, self.buf = data.split(b"\n")
+        return [ln.decode("utf-8", errors="replace").rstrip("\r") for ln in lines]
+
+
+def _json_lines(lines: list[str]) -> list[dict]:
+    out = []
+    for ln in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            obj = json.loads(ln)
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out
+
+
+def pid_running(pid: object) -> bool:
+    """True for a live, non-zombie process (a trainer we launched and that died is a zombie)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def effective_status(run: Path) -> dict:
+    """core.runs.read_status, except a just-launched trainer still importing torch is 'starting'.
+
+    The trainer takes the run lock only after its imports (seconds), and read_status calls a
+    lockless 'starting' run dead; the UI would flash "dead" right after Start without this.
+    """
+    from assistant_forge.core.runs import read_json, read_status
+
+    status = read_status(run)
+    if status.get("state") == "dead":
+        raw = read_json(run / "status.json")
+        if raw.get("state") == "starting" and pid_running(raw.get("pid")):
+            return {**raw, "state": "starting"}
+    return status
+
+
+@dataclass
+class RunUpdate:
+    run: Path
+    status: dict
+    events: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+
+    @property
+    def has_news(self) -> bool:
+        return bool(self.events or self.samples or self.log)
+
+
+class RunWatcher:
+    """Polls one run directory; each poll returns only what is new."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.events = FileTail(run / "events.jsonl")
+        self.samples = FileTail(run / "samples.jsonl")
+        self.log = FileTail(run / "train.log", backlog=LOG_BACKLOG)
+        self._last_status: dict | None = None
+
+    def poll(self) -> RunUpdate | None:
+        """The news since the last poll, or None when nothing changed."""
+        from assistant_forge.core.runs import complete_checkpoints
+
+        status = effective_status(self.run)
+        upd = RunUpdate(
+            self.run,
+            status,
+            events=_json_lines(self.events.read_lines()),
+            samples=_json_lines(self.samples.read_lines()),
+            log=self.log.read_lines(),
+        )
+        if not upd.has_news and status == self._last_status:
+            return None
+        self._last_status = status
+        upd.checkpoints = [s for s, _ in complete_checkpoints(self.run)]
+        return upd

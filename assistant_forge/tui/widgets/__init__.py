@@ -1,0 +1,1 @@
+"""Small widgets of the app: the steps bar and the loss plot."""
