@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge.core.encoding import stop_token_ids, with_system
-from assistant_forge.core.models import resolve_model
+from assistant_forge.core.models import quiet_transformers, resolve_model
 from assistant_forge.core.templates import ChatTemplate, get_template
 from assistant_forge.errors import ForgeError
 
@@ -115,6 +115,7 @@ def load_chat_model(model: str, adapter: str | None = None, bits: int | None = N
 
     from assistant_forge.core.encoding import load_tokenizer
 
+    quiet_transformers()
     path = resolve_model(model)
     trained = adapter_meta(adapter).get("chat_template") if adapter else model_template_name(path)
     if adapter and not Path(adapter).is_dir():

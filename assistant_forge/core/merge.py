@@ -10,7 +10,7 @@ from typing import Any
 
 from assistant_forge.core.chat import ADAPTER_META, adapter_meta
 from assistant_forge.core.encoding import load_tokenizer, stop_token_ids
-from assistant_forge.core.models import resolve_model
+from assistant_forge.core.models import quiet_transformers, resolve_model
 from assistant_forge.core.runs import checkpoint_for, run_config
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
@@ -74,6 +74,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str =
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    quiet_transformers()
     if dtype not in _DTYPES:
         raise ForgeError(f"--dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}.")
     adapter = Path(adapter).expanduser()

@@ -116,3 +116,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def quiet_transformers() -> None:
+    """Terminal output for people: no weight-loading progress bars or deprecation chatter from libraries."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
