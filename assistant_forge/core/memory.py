@@ -119,18 +119,22 @@ class MemoryEstimate:
     checkpointed_layers: int
     offload: bool
     per_layer_activations: int  # what one non-checkpointed layer keeps
+    optimizer_on_device: bool = False  # paged optimizer replaced by a fused on-device one
+    absmax_cache: bool = False  # 4-bit absmax kept dequantized (counted in weights)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.trainable + self.optimizer + self.overhead
 
     @property
     def total(self) -> int:
+        # Backward frees checkpointed inputs as it allocates adapter gradients, layer by layer (and
+        # both are about the same size per layer), so their sum stays near the larger of the two.
         return (
-            self.weights
-            + self.trainable
-            + self.gradients
-            + self.optimizer
-            + self.checkpoint_inputs
+            self.static
+            + max(self.gradients, self.checkpoint_inputs)
             + self.saved_activations
             + max(self.layer_workspace, self.loss)
-            + self.overhead
         )
 
     @property
@@ -138,7 +142,14 @@ class MemoryEstimate:
         return self.total / GIB
 
     def breakdown_gib(self) -> dict[str, float]:
-        skip = {"seq_len", "num_layers", "checkpointed_layers", "offload"}
+        skip = {
+            "seq_len",
+            "num_layers",
+            "checkpointed_layers",
+            "offload",
+            "optimizer_on_device",
+            "absmax_cache",
+        }
         out = {f.name: round(getattr(self, f.name) / GIB, 3) for f in fields(self) if f.name not in skip}
         out["total"] = round(self.total_gib, 3)
         return out
@@ -164,9 +175,9 @@ def _layer_activations(shape: ModelShape, tokens: int, fused: bool, dropout: flo
     """Bytes one decoder layer keeps for backward when it is not checkpointed (its input excluded)."""
     d, f, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
     if fused:
-        # norm1 out, rotated q, k, v, attention out (kept by the kernel) and its contiguous copy
-        # (kept by o_proj), h + attn, norm2 out, gate, up and silu(gate)*up.
-        elems = 3 * d + 3 * q + 2 * kv + 3 * f
+        # norm1 out, rotated q and k, v, attention out, h + attn / norm2 out, gate, up and
+        # silu(gate)*up; fitted to peaks measured on an H200 (bench/gpu_notes.md).
+        elems = 2.5 * d + 2 * q + 2 * kv + 3 * f
     else:
         # HF RMSNorm keeps fp32 copies (counted as 2 bf16 each), PEFT keeps dropout outputs, SiLU keeps
         # its input and output separately.
@@ -178,7 +189,7 @@ def _layer_activations(shape: ModelShape, tokens: int, fused: bool, dropout: flo
         total += (5 * d + q + f) * tokens  # one bool mask per LoRA input
     if eager:
         total += shape.heads * tokens * tokens * BF16 * 2  # attention probabilities and their grad
-    return total
+    return int(total)
 
 
 def estimate_memory(
@@ -189,6 +200,8 @@ def estimate_memory(
     checkpointed_layers: int | None = None,
     offload: bool | None = None,
     fused: bool | None = None,
+    optimizer_on_device: bool = False,
+    absmax_cache: bool | None = None,
 ) -> MemoryEstimate:
     """Peak device memory of one training step of `cfg` on the model `model_config` describes.
 
@@ -223,7 +236,7 @@ def estimate_memory(
         trainable = n_trainable * FP32
         gradients = trainable
     opt_state = n_trainable * opt_bytes
-    paged = t.optimizer.startswith("paged_")
+    paged = t.optimizer.startswith("paged_") and not optimizer_on_device
     dropout = cfg.lora.dropout if method != "full" else 0.0
     eager = cfg.model.attn_implementation == "eager"
 
@@ -231,19 +244,25 @@ def estimate_memory(
     d_in = tokens * shape.hidden * BF16
     ckpt_inputs = 0 if offload else checkpointed_layers * d_in
     saved = (shape.layers - checkpointed_layers) * (per_layer + d_in)
-    # Backward of one layer: the gradient buffers of its widest activations, two dequantized
-    # weights (forward and backward of neighbouring projections overlap), and a recompute.
+    # Backward of one layer: gradient buffers of its widest activations, a dequantized weight, and
+    # (when checkpointed) its recomputed activations.
     widest = max(i * o for i, o in shape.linear_shapes().values())
-    bwd_temp = tokens * (3 * shape.intermediate + 4 * shape.hidden) * BF16
-    bwd_temp += (2 * widest * BF16) if method == "qlora" else 0
+    bwd_temp = tokens * (shape.intermediate + 2 * shape.hidden) * BF16
+    bwd_temp += (widest * BF16) if method == "qlora" else 0
+    if not fused:
+        bwd_temp *= 2
     workspace = bwd_temp + (per_layer + (d_in if offload else 0) if checkpointed_layers else 0)
+    if absmax_cache is None:  # the fast path keeps it except in the low-memory (offload) policy
+        absmax_cache = policy != "offload"
+    absmax_cache = absmax_cache and fused and method == "qlora" and cfg.lora.double_quant
+    absmax = int(linear * 4 / 64) if absmax_cache else 0
     if fused:
         rows = max(1, min(tokens, FUSED_CE_ROWS_X_VOCAB // shape.vocab))
         loss = rows * shape.vocab * (BF16 + FP32 + FP32) + 2 * d_in
     else:
         loss = tokens * shape.vocab * (BF16 + FP32 + FP32 + BF16)
     return MemoryEstimate(
-        weights=weights,
+        weights=weights + absmax,
         trainable=trainable,
         gradients=gradients,
         optimizer=0 if paged else opt_state,
@@ -258,6 +277,8 @@ def estimate_memory(
         checkpointed_layers=checkpointed_layers,
         offload=offload,
         per_layer_activations=per_layer + d_in,
+        optimizer_on_device=optimizer_on_device and t.optimizer.startswith("paged_"),
+        absmax_cache=absmax_cache,
     )
 
 
@@ -268,28 +289,52 @@ def fit_checkpointing(
     *,
     seq_len: int | None = None,
     fused: bool | None = None,
+    margin: float = 0.97,
 ) -> MemoryEstimate:
-    """The fastest checkpointing plan whose estimate fits `budget_bytes`.
+    """The fastest plan whose estimate fits `margin * budget_bytes`.
 
-    Fewest checkpointed layers first (each one skipped saves a recompute of that layer's
-    forward, about a third of its cost); if even checkpointing every layer does not fit, offload the
-    checkpointed inputs to the host. Returns the all-layers-offloaded plan when nothing fits.
+    Tiers, fastest first (measured on an H200, bench/gpu_notes.md: at batch 1 x 2048 tokens a 7B
+    step is bound by the CPU issuing kernels, so what removes launches beats what removes FLOPs):
+    1. optimizer state on the device (one fused AdamW kernel instead of bitsandbytes' per-tensor
+       paged step) and dequantized absmax, with the fewest checkpointed layers (each one skipped
+       saves that layer's recompute);
+    2. the same with every layer checkpointed and its input kept on the host;
+    3. paged optimizer, dequantized absmax, fewest checkpointed layers;
+    4. the low-memory plan: paged optimizer, no absmax cache, inputs on the host.
     """
     layers = model_shape(model_config).layers
+    budget = int(budget_bytes * margin)
+    fused = getattr(cfg.train, "fused_kernels", True) if fused is None else fused
 
-    def est(n: int, off: bool) -> MemoryEstimate:
+    def est(n: int, off: bool, dev_opt: bool, absmax: bool = True) -> MemoryEstimate:
         return estimate_memory(
-            cfg, model_config, seq_len=seq_len, checkpointed_layers=n, offload=off, fused=fused
+            cfg,
+            model_config,
+            seq_len=seq_len,
+            checkpointed_layers=n,
+            offload=off,
+            fused=fused,
+            optimizer_on_device=dev_opt,
+            absmax_cache=absmax,
         )
 
-    # Memory falls as n grows, so bisect for the smallest n that fits.
-    if est(layers, False).total <= budget_bytes:
-        lo, hi = 0, layers
+    def fewest(dev_opt: bool) -> MemoryEstimate | None:
+        if est(layers, False, dev_opt).total > budget:
+            return None
+        lo, hi = 0, layers  # memory falls as n grows: bisect for the smallest n that fits
         while lo < hi:
             mid = (lo + hi) // 2
-            if est(mid, False).total <= budget_bytes:
+            if est(mid, False, dev_opt).total <= budget:
                 hi = mid
             else:
                 lo = mid + 1
-        return est(lo, False)
-    return est(layers, True)
+        return est(lo, False, dev_opt)
+
+    can_move_opt = fused and cfg.train.optimizer.startswith("paged_")
+    if can_move_opt and (plan := fewest(True)) is not None:
+        return plan
+    if can_move_opt and (plan := est(layers, True, True)).total <= budget:
+        return plan
+    if (plan := fewest(False)) is not None:
+        return plan
+    return est(layers, True, False, absmax=False)

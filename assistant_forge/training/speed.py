@@ -55,6 +55,8 @@ class SpeedReport:
     checkpointed_layers: int = 0
     num_layers: int = 0
     offload: bool = False
+    optimizer_on_device: bool = False
+    absmax_cache_gib: float = 0.0
     estimate_gib: float | None = None
     budget_gib: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -191,6 +193,33 @@ def _apply_liger(model: Any, rep: SpeedReport) -> list[str]:
     return sorted(parts)
 
 
+def _torch_rms_norm_forward(self: Any, x: Any) -> Any:
+    import torch
+
+    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, eps)
+
+
+def set_rms_norm_impl(model: Any, impl: str) -> int:
+    """Switch the decoder's RMSNorms between Liger's Triton kernel and torch's fused
+    `F.rms_norm` (one dispatcher call; Liger's Python wrapper costs ~150 us a call on the CPU,
+    which matters when the step is CPU-bound). Returns how many modules were switched."""
+    n = 0
+    for m in _unwrap(model).modules():
+        if not type(m).__name__.endswith("RMSNorm") or getattr(m, "weight", None) is None:
+            continue
+        if "_forge_prev_forward" not in m.__dict__:
+            m._forge_prev_forward = m.__dict__.get("forward")
+        if impl == "torch":
+            m.forward = types.MethodType(_torch_rms_norm_forward, m)
+        elif m._forge_prev_forward is not None:
+            m.forward = m._forge_prev_forward
+        else:
+            m.__dict__.pop("forward", None)
+        n += 1
+    return n
+
+
 # --------------------------------------------------------------------------------------------
 # Fused LoRA linear
 # --------------------------------------------------------------------------------------------
@@ -198,13 +227,50 @@ def _apply_liger(model: Any, rep: SpeedReport) -> list[str]:
 
 def _dense_weight(base: Any, dtype: Any) -> Any:
     """The base layer's weight as a dense (out, in) tensor in `dtype` (dequantized if 4-bit)."""
+    import torch
+
     w = base.weight
     qs = getattr(w, "quant_state", None)
     if qs is not None:
-        import bitsandbytes.functional as bnbf
+        absmax = getattr(w, "_forge_absmax", None)
+        if absmax is None and not qs.nested:
+            absmax = qs.absmax
+        if absmax is not None:
+            # One kernel launch instead of bitsandbytes' wrapper (nested-absmax dequant, add, checks):
+            # at batch 1 x 2048 tokens the step is bound by the CPU issuing kernels, not the GPU.
+            w = torch.ops.bitsandbytes.dequantize_4bit.default(
+                w.data, absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype
+            )
+        else:
+            import bitsandbytes.functional as bnbf
 
-        w = bnbf.dequantize_4bit(w.data, qs)
+            w = bnbf.dequantize_4bit(w.data, qs)
     return w if w.dtype == dtype else w.to(dtype)
+
+
+def cache_absmax(model: Any, enable: bool = True) -> int:
+    """Keep each double-quantized weight's absmax dequantized (fp32, 1/16 byte per weight: 0.38 GiB
+    for a 7B) so dequantizing the weight is one kernel; `enable=False` frees them. Returns bytes held."""
+    import torch
+
+    held = 0
+    for m in _unwrap(model).modules():
+        w = getattr(m, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is None or not qs.nested:
+            continue
+        if not enable:
+            w._forge_absmax = None
+            continue
+        if getattr(w, "_forge_absmax", None) is None:
+            import bitsandbytes.functional as bnbf
+
+            with torch.no_grad():
+                absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2)
+                absmax += qs.offset
+            w._forge_absmax = absmax.float()
+        held += w._forge_absmax.numel() * 4
+    return held
 
 
 def _fast_base(base: Any) -> bool:
@@ -496,19 +562,116 @@ class _HostOffload:
 _OFFLOAD = _HostOffload()
 
 
-def _checkpoint(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import checkpoint
+def _make_recompute_fn() -> Any:
+    import torch
 
-    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    class _Recompute(torch.autograd.Function):
+        """Reentrant-style checkpoint of one decoder layer: the forward runs under no_grad (no
+        autograd graph, no saved-tensor hooks: at short sequences the step is bound by the CPU
+        issuing work, and torch's non-reentrant checkpoint runs Python hooks for every saved
+        tensor twice); backward re-runs it with grad, under the same RNG and autocast state."""
+
+        @staticmethod
+        def forward(
+            ctx: Any, run: Any, offload: bool, rng: bool, anchor: Any, hidden: Any, *args: Any
+        ) -> Any:
+            dev = hidden.device
+            ctx.run, ctx.args, ctx.dev, ctx.rng = run, args, dev, rng
+            if rng:  # dropout masks must come out the same in the recompute
+                ctx.cpu_rng = torch.get_rng_state()
+                ctx.dev_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+            ctx.autocast = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+            if offload:
+                ctx.packed = _OFFLOAD.pack(hidden.detach())
+            else:
+                ctx.packed = None
+                ctx.save_for_backward(hidden)
+            return run(hidden, *args)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            if ctx.packed is not None:
+                hidden = _OFFLOAD.unpack(ctx.packed)
+                ctx.packed = None
+            else:
+                (hidden,) = ctx.saved_tensors
+            hidden = hidden.detach().requires_grad_(True)
+            dev = ctx.dev
+            enabled, dtype = ctx.autocast
+            if ctx.rng:
+                with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                    torch.set_rng_state(ctx.cpu_rng)
+                    if ctx.dev_rng is not None:
+                        torch.cuda.set_rng_state(ctx.dev_rng, dev)
+                    with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
+                        out = ctx.run(hidden, *ctx.args)
+            else:
+                with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
+                    out = ctx.run(hidden, *ctx.args)
+            torch.autograd.backward(out, grad)
+            return (None, None, None, None, hidden.grad) + (None,) * len(ctx.args)
+
+    return _Recompute
 
 
-def _offloaded_checkpoint(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Non-reentrant checkpoint whose saved inputs (the layer input) live on the host."""
+@functools.cache
+def _recompute_fn() -> Any:
+    return _make_recompute_fn()
+
+
+_ANCHORS: dict[Any, Any] = {}
+
+
+def _anchor(device: Any) -> Any:
+    """A grad-requiring empty tensor: makes autograd run the checkpoint's backward even when the
+    layer input does not require grad (frozen embeddings), as LoRA parameters inside still do."""
+    import torch
+
+    if device not in _ANCHORS:
+        _ANCHORS[device] = torch.empty(0, device=device, requires_grad=True)
+    return _ANCHORS[device]
+
+
+def _torch_checkpoint(fn: Any, offload: bool, *args: Any, **kwargs: Any) -> Any:
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    if not offload:
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     with torch.autograd.graph.saved_tensors_hooks(_OFFLOAD.pack, _OFFLOAD.unpack):
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def _uses_rng(model: Any) -> bool:
+    """Whether a forward in training mode draws random numbers (a dropout with p > 0)."""
+    import torch
+
+    cfg = getattr(_unwrap(model), "config", None)
+    if getattr(cfg, "attention_dropout", 0) or getattr(cfg, "hidden_dropout", 0):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _make_checkpoint_func(offload: bool, rng: bool = True) -> Any:
+    """The `_gradient_checkpointing_func` transformers calls as f(partial(layer, **kw), *args)."""
+    import torch
+
+    # The reentrant-style path needs a layer that returns one tensor; the first call goes through
+    # torch's checkpoint and tells us (transformers 5 decoder layers return a tensor).
+    returns_tensor: list[bool] = []
+
+    def func(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        hidden = args[0] if args else None
+        if kwargs or not isinstance(hidden, torch.Tensor) or returns_tensor != [True]:
+            out = _torch_checkpoint(fn, offload, *args, **kwargs)
+            if not returns_tensor:
+                returns_tensor.append(isinstance(out, torch.Tensor))
+            return out
+        return _recompute_fn().apply(fn, offload, rng, _anchor(hidden.device), hidden, *args[1:])
+
+    return func
 
 
 def memory_budget_bytes(cfg: ForgeConfig, device: Any = None) -> int:
@@ -532,10 +695,13 @@ def configure_checkpointing(
     budget_bytes: int | None = None,
     checkpointed_layers: int | None = None,
     offload: bool | None = None,
+    optimizer_on_device: bool | None = None,
+    absmax_cache: bool | None = None,
 ) -> mem.MemoryEstimate | None:
-    """Set which decoder layers recompute in backward (the first n) and whether their inputs go to
-    the host. Explicit `checkpointed_layers`/`offload` win; else train.checkpoint_policy decides
-    (`auto` fits the budget). Returns the memory estimate of the chosen plan."""
+    """Set which decoder layers recompute in backward (the first n), whether their inputs go to the
+    host, whether a paged optimizer's state may live on the device (see make_optimizer /
+    training_args_overrides) and whether 4-bit absmax is kept dequantized. Explicit arguments win;
+    else train.checkpoint_policy decides (`auto` fits the budget). Returns the plan's estimate."""
     layers = decoder_layers(model)
     rep = report(model)
     if not layers:
@@ -544,6 +710,7 @@ def configure_checkpointing(
     policy = getattr(cfg.train, "checkpoint_policy", "auto") if cfg.train.gradient_checkpointing else "none"
     model_config = _unwrap(model).config
     est: mem.MemoryEstimate | None = None
+    rep.budget_gib = None
     if checkpointed_layers is None:
         if policy == "none":
             checkpointed_layers, offload = 0, False
@@ -553,13 +720,33 @@ def configure_checkpointing(
             budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(cfg)
             est = mem.fit_checkpointing(cfg, model_config, budget, seq_len=seq_len)
             checkpointed_layers, offload = est.checkpointed_layers, est.offload
+            if optimizer_on_device is None:
+                optimizer_on_device = est.optimizer_on_device
+            if absmax_cache is None:
+                absmax_cache = est.absmax_cache
             rep.budget_gib = round(budget / mem.GIB, 2)
     offload = bool(offload)
-    if est is None:
+    optimizer_on_device = bool(optimizer_on_device) and cfg.train.optimizer.startswith("paged_")
+    if absmax_cache is None:
+        absmax_cache = policy != "offload"
+    if (
+        est is None
+        or est.optimizer_on_device != optimizer_on_device
+        or est.absmax_cache != absmax_cache
+        or est.offload != offload
+    ):
         est = mem.estimate_memory(
-            cfg, model_config, seq_len=seq_len, checkpointed_layers=checkpointed_layers, offload=offload
+            cfg,
+            model_config,
+            seq_len=seq_len,
+            checkpointed_layers=checkpointed_layers,
+            offload=offload,
+            optimizer_on_device=optimizer_on_device,
+            absmax_cache=absmax_cache,
         )
-    fn = _offloaded_checkpoint if offload else _checkpoint
+    rep.absmax_cache_gib = round(cache_absmax(model, absmax_cache) / mem.GIB, 3)
+    rep.optimizer_on_device = optimizer_on_device
+    fn = _make_checkpoint_func(offload, _uses_rng(model))
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < checkpointed_layers
         layer._gradient_checkpointing_func = fn
@@ -568,7 +755,33 @@ def configure_checkpointing(
     return est
 
 
-def training_args_overrides(cfg: ForgeConfig) -> dict[str, Any]:
+# A paged optimizer whose state fits on the device is swapped for the same update run on-device.
+_ON_DEVICE_OPTIM = {"paged_adamw_32bit": "adamw_torch_fused", "paged_adamw_8bit": "adamw_bnb_8bit"}
+
+
+def training_args_overrides(cfg: ForgeConfig, model: Any = None) -> dict[str, Any]:
     """TrainingArguments the fast path needs: transformers must not re-enable checkpointing on
-    every layer (that would undo the fitted plan)."""
-    return {"gradient_checkpointing": False}
+    every layer (that would undo the fitted plan), and the optimizer the plan chose."""
+    out: dict[str, Any] = {"gradient_checkpointing": False}
+    if model is not None and report(model).optimizer_on_device and cfg.train.optimizer in _ON_DEVICE_OPTIM:
+        out["optim"] = _ON_DEVICE_OPTIM[cfg.train.optimizer]
+    return out
+
+
+def make_optimizer(model: Any, cfg: ForgeConfig, params: list[Any], lr: float, weight_decay: float) -> Any:
+    """The optimizer the plan chose, for loops that build their own (the bench)."""
+    import torch
+
+    if report(model).optimizer_on_device and cfg.train.optimizer == "paged_adamw_32bit":
+        # Same update as bitsandbytes' AdamW 32-bit (betas 0.9/0.999, eps 1e-8), one fused kernel.
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    import bitsandbytes as bnb
+
+    cls = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }.get(cfg.train.optimizer)
+    if cls is None:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return cls(params, lr=lr, weight_decay=weight_decay)
