@@ -73,7 +73,9 @@ class ExportScreen(StepScreen):
             yield Button("Convert", id="ex-convert")
             yield Button("Merge", id="ex-merge")
             yield Button("Both", id="ex-both", variant="primary")
-        yield ProgressBar(id="export-progress", show_eta=False)
+        bar = ProgressBar(id="export-progress", show_eta=False)
+        bar.display = False  # an idle indeterminate bar would animate for nothing
+        yield bar
         yield Static("", id="export-msg", classes="status-line")
         yield Footer()
 
@@ -191,6 +193,7 @@ class ExportScreen(StepScreen):
 
     def on_export_screen_progress(self, msg: Progress) -> None:
         bar = self.query_one("#export-progress", ProgressBar)
+        bar.display = True
         bar.update(total=msg.total, progress=msg.step)
         self.show_error("export-msg", msg.text if msg.error else "")
         if not msg.error:

@@ -85,7 +85,7 @@ class HomeScreen(StepScreen):
             step, total = int(s.get("step") or 0), int(s.get("total_steps") or 0)
             prog = f"{text_bar(step, total)} {step}/{total or '?'}"
             eta = fmt_eta(s.get("eta_s")) if state == "running" else "-"
-            started = str(s.get("started") or s.get("created") or "-")[:19].replace("T", " ")
+            started = str(s.get("started") or s.get("created") or "-")[5:16].replace("T", " ")
             table.add_row(
                 path.name,
                 f"[{STATE_STYLE.get(state, '')}]{state}[/]",

@@ -105,7 +105,9 @@ class TrainScreen(StepScreen):
 
     def watch(self, run: Path | None) -> None:
         self.watching, self.state, self.checkpoints = run, "", []
-        self.query_one("#progress", ProgressBar).update(total=None, progress=0)
+        bar = self.query_one("#progress", ProgressBar)
+        bar.update(total=None, progress=0)
+        bar.display = run is not None  # an idle indeterminate bar would animate for nothing
         self.query_one("#metrics", Static).update("")
         self.query_one(LossPlot).reset()
         self.query_one("#train-log", Log).clear()
