@@ -4,65 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from forge_testing import forge, tiny_config, wait_for
 
 from assistant_forge.core.runs import complete_checkpoints, read_jsonl, read_status, trainer_alive
 
 pytestmark = pytest.mark.slow
-
-FORGE = [sys.executable, "-m", "assistant_forge"]
-
-
-def forge(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def tiny_config(tmp: Path, max_steps: int) -> Path:
-    from assistant_forge.core.dataset import write_records
-    from assistant_forge.core.identity import generate_identity_records
-
-    write_records(generate_identity_records("Forgey", "Alice", langs=["en"], count=16), tmp / "data.jsonl")
-    (tmp / "cfg.toml").write_text(f"""
-[model]
-path = "demo"
-[data]
-files = ["data.jsonl"]
-max_length = 64
-[lora]
-method = "lora"
-r = 4
-alpha = 8
-dropout = 0.0
-layers_from = 26
-[train]
-max_steps = {max_steps}
-micro_batch_size = 1
-grad_accum = 1
-learning_rate = 5e-4
-save_steps = 4
-save_total_limit = 3
-optimizer = "adamw_torch"
-gradient_checkpointing = false
-cpu_threads = 1
-[eval]
-prompts = []
-""")
-    return tmp / "cfg.toml"
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_detached_run_refuses_a_second_trainer_stops_and_resumes(tmp_path, demo_path):

@@ -1,0 +1,80 @@
+"""Helpers for tests that run the real `forge` CLI and the detached trainer on the demo model (CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FORGE = [sys.executable, "-m", "assistant_forge"]
+
+
+def forge(*args: str, timeout: int = 600, env: dict | None = None, **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def tiny_config(tmp: Path, max_steps: int, *, save_steps: int = 4, save_total_limit: int = 3,
+                model: str = "demo", name: str = "cfg.toml", extra: str = "") -> Path:
+    """The smallest real training: 16 identity chats, 64 tokens, LoRA r 4 on the top layers, one thread."""
+    from assistant_forge.core.dataset import write_records
+    from assistant_forge.core.identity import generate_identity_records
+
+    if not (tmp / "data.jsonl").exists():
+        write_records(generate_identity_records("Forgey", "Alice", langs=["en"], count=16), tmp / "data.jsonl")
+    (tmp / name).write_text(f"""
+[model]
+path = "{model}"
+[data]
+files = ["data.jsonl"]
+max_length = 64
+[lora]
+method = "lora"
+r = 4
+alpha = 8
+dropout = 0.0
+layers_from = 26
+[train]
+max_steps = {max_steps}
+micro_batch_size = 1
+grad_accum = 1
+learning_rate = 5e-4
+save_steps = {save_steps}
+save_total_limit = {save_total_limit}
+optimizer = "adamw_torch"
+gradient_checkpointing = false
+cpu_threads = 1
+[eval]
+prompts = []
+{extra}""")
+    return tmp / name
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def final_losses(events: list[dict]) -> dict[int, float]:
+    """step -> loss, the last event of each step winning (a resume re-trains the steps after its checkpoint)."""
+    return {e["step"]: e["loss"] for e in events}
+
+
+def stop_if_alive(run: Path) -> None:
+    """Leave no trainer behind when a test fails half-way (they run detached, in their own sessions)."""
+    import signal
+
+    from assistant_forge.core.runs import read_json, trainer_alive
+
+    if run.exists() and trainer_alive(run):
+        pid = read_json(run / "status.json").get("pid")
+        if pid:
+            os.kill(int(pid), signal.SIGKILL)
