@@ -127,7 +127,7 @@ class ForgeConfig(_Section):
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
-    where = ".".join(loc)
+    where = _clip(".".join(loc))
     if err["type"] == "extra_forbidden":
         section_model: type[BaseModel] = ForgeConfig
         for part in loc[:-1]:
@@ -135,12 +135,17 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
             if field is None or not isinstance(field.annotation, type):
                 break
             section_model = field.annotation
-        return f"unknown key {where!r}.{did_you_mean(loc[-1], list(section_model.model_fields))}"
+        return f"unknown key {where!r}.{did_you_mean(loc[-1][:80], list(section_model.model_fields))}"
     value = raw
     for part in loc:
         value = value.get(part) if isinstance(value, dict) else None
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{where} = {value!r}: {msg}" if value is not None else f"{where}: {msg}"
+    return f"{where} = {_clip(repr(value))}: {msg}" if value is not None else f"{where}: {msg}"
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """Keep error messages one readable line whatever the input held."""
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> ForgeConfig:
@@ -164,18 +169,27 @@ def load_config(path: str | Path) -> ForgeConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ForgeError(f"{path} is not valid TOML: {e}.") from None
+    except RecursionError:
+        raise ForgeError(f"{path} is not valid TOML: arrays or tables nested too deeply.") from None
     cfg = parse_config(raw, str(path))
     # Relative dataset paths are relative to the config file, like XTuner's configs.
     base = path.resolve().parent
     cfg.data.files = [str(_rel(base, f)) for f in cfg.data.files]
     cfg.data.general_files = [str(_rel(base, f)) for f in cfg.data.general_files]
-    if cfg.model.path != "demo" and not Path(cfg.model.path).expanduser().is_absolute() and (base / cfg.model.path).exists():
+    if cfg.model.path != "demo" and not _expand(cfg.model.path).is_absolute() and (base / cfg.model.path).exists():
         cfg.model.path = str(base / cfg.model.path)
     return cfg
 
 
+def _expand(p: str) -> Path:
+    try:
+        return Path(p).expanduser()
+    except RuntimeError:  # "~someone/..." for a user this machine does not know
+        raise ForgeError(f"Path {p[:80]!r} starts with ~ but names no known user's home folder.") from None
+
+
 def _rel(base: Path, p: str) -> Path:
-    q = Path(p).expanduser()
+    q = _expand(p)
     return q if q.is_absolute() else base / q
 
 

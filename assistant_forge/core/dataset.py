@@ -62,12 +62,16 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
             raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from None
         except RecursionError:
             raise DatasetError(f"{path}: JSON nested too deeply.") from None
+        except ValueError as e:  # e.g. an integer too long to convert
+            raise DatasetError(f"{path}: malformed JSON ({_first_line(e)}).") from None
         if not isinstance(data, list):
             raise DatasetError(f"{path}: expected a JSON array of records.")
         # Line numbers of array items are not tracked by json; report item positions instead.
         yield from ((i + 1, item) for i, item in enumerate(data))
         return
-    for n, line in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a JSON Lines record: str.splitlines() would also split inside strings at
+    # U+2028, U+0085 and other characters JSON allows unescaped. A trailing "\r" (CRLF) is JSON whitespace.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -76,11 +80,27 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
             raise DatasetError(f"{path}:{n}: malformed JSON ({e.msg}).") from None
         except RecursionError:
             raise DatasetError(f"{path}:{n}: JSON nested too deeply.") from None
+        except ValueError as e:  # e.g. an integer too long to convert
+            raise DatasetError(f"{path}:{n}: malformed JSON ({_first_line(e)}).") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _short(value: Any) -> str:
+    """A value quoted for an error message, cut short so the message stays one readable line."""
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _text(value: Any, where: str, what: str) -> str:
     if not isinstance(value, str):
         raise DatasetError(f"{where}: {what} must be text, got {type(value).__name__}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800"-style escape
+        raise DatasetError(f"{where}: {what} holds an invalid Unicode escape (a lone surrogate).") from None
     return value
 
 
@@ -123,14 +143,17 @@ def to_messages(obj: Any, where: str) -> tuple[str, dict]:
             who = _text(m.get("from"), where, "'from'")
             role = _SHAREGPT_ROLES.get(who.lower())
             if role is None:
-                raise DatasetError(f"{where}: unknown speaker {who!r} (expected human or gpt).")
+                raise DatasetError(f"{where}: unknown speaker {_short(who)} (expected human or gpt).")
             out.append({"role": role, "content": _text(m.get("value"), where, "'value'")})
         return fmt, {"messages": out}
     if fmt == "alpaca":
         out = []
         if obj.get("system"):
             out.append({"role": "system", "content": _text(obj["system"], where, "system")})
-        for pair in obj.get("history") or []:
+        history = obj.get("history") or []
+        if not isinstance(history, list):
+            raise DatasetError(f"{where}: alpaca 'history' must be a list of [question, answer] pairs.")
+        for pair in history:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise DatasetError(f"{where}: each alpaca history entry must be [question, answer].")
             out += [{"role": "user", "content": _text(pair[0], where, "history")},
@@ -153,7 +176,7 @@ def to_messages(obj: Any, where: str) -> tuple[str, dict]:
             out.append({"role": "user", "content": _text(turn.get("input", ""), where, "input")})
             out.append({"role": "assistant", "content": _text(turn.get("output"), where, "output")})
         return fmt, {"messages": out}
-    keys = ", ".join(sorted(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
+    keys = ", ".join(_short(k) for k in sorted(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
     raise DatasetError(f"{where}: unrecognised record ({keys}); expected messages, conversations, conversation or instruction/output.")
 
 
@@ -165,14 +188,14 @@ def validate_record(rec: dict, where: str) -> None:
     for i, m in enumerate(msgs):
         role = m["role"]
         if role not in ROLES:
-            raise DatasetError(f"{where}: unknown role {role!r} (expected system, user or assistant).")
+            raise DatasetError(f"{where}: unknown role {_short(role)} (expected system, user or assistant).")
         if role == "system" and i != 0:
             raise DatasetError(f"{where}: a system message may only come first.")
         if not m["content"].strip():
             raise DatasetError(f"{where}: message {i + 1} ({role}) has empty content.")
         ph = find_placeholder(m["content"])
         if ph:
-            raise DatasetError(f"{where}: leftover placeholder {ph} in message {i + 1}; fill it in before training.")
+            raise DatasetError(f"{where}: leftover placeholder {ph[:60]} in message {i + 1}; fill it in before training.")
     if not any(m["role"] == "assistant" for m in msgs):
         raise DatasetError(f"{where}: the conversation has no assistant turn, so nothing would be learned from it.")
 
@@ -192,6 +215,8 @@ def load_records(path: str | Path) -> tuple[list[dict], DatasetStats]:
         for m in rec["messages"]:
             stats.turns[m["role"]] += 1
             stats.chars += len(m["content"])
+    if not records:  # "[]": as empty as an empty file
+        raise DatasetError(f"{path}: the file holds no conversations.")
     return records, stats
 
 
@@ -206,4 +231,7 @@ def write_records(records: list[dict], path: str | Path) -> None:
     """Write messages JSONL atomically: a failure leaves any earlier file as it was."""
     from assistant_forge.core.fsutil import atomic_write_jsonl
 
-    atomic_write_jsonl(Path(path), records)
+    try:
+        atomic_write_jsonl(Path(path), records)
+    except OSError as e:
+        raise DatasetError(f"Cannot write {path}: {e.strerror or e}.") from None
