@@ -351,9 +351,8 @@ def run_forge(
             if peer_peak:
                 variants.append(("auto@peer", {"budget_bytes": int(peer_peak * GIB)}))
             variants += [
+                ("all", {"policy": "all"}),
                 ("all+devopt", {"policy": "all", "optimizer_on_device": True}),
-                ("all+devopt+torchnorm", {"policy": "all", "optimizer_on_device": True, "norm": "torch"}),
-                ("offload+devopt", {"policy": "offload", "optimizer_on_device": True, "absmax_cache": True}),
                 ("offload", {"policy": "offload"}),
                 ("auto@gpu", {}),
             ]

@@ -1,0 +1,145 @@
+"""The GPU memory estimate: arithmetic checks on CPU, and a regression against peaks measured on an
+H200 by bench/gpu_train.py (bench/RESULTS.md, "GPU training speed")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from assistant_forge.core import memory as mem
+from assistant_forge.core.config import ForgeConfig
+
+GIB = mem.GIB
+LLAMA7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+QWEN15B_AS_LLAMA = dict(
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+SHAPES = {"7b": LLAMA7B, "1.5b": QWEN15B_AS_LLAMA}
+
+
+def bench_cfg(seq: int, dropout: float) -> ForgeConfig:
+    """The settings bench/gpu_train.py measures (and the peer runs)."""
+    cfg = ForgeConfig()
+    cfg.data.max_length = seq
+    cfg.lora.method, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = "qlora", 64, 16, dropout
+    cfg.train.micro_batch_size = 1
+    cfg.train.optimizer = "paged_adamw_32bit"
+    return cfg
+
+
+def test_module_does_not_import_torch() -> None:
+    code = "import sys, assistant_forge.core.memory; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_llama7b_static_parts() -> None:
+    est = mem.estimate_memory(bench_cfg(2048, 0.0), LLAMA7B, absmax_cache=False)
+    shape = mem.model_shape(LLAMA7B)
+    linear = 32 * shape.linear_params_per_layer()
+    assert linear == 6_476_005_376
+    # NF4 + double-quant linears, bf16 embeddings and lm_head and norms.
+    assert est.weights == pytest.approx(linear * 0.5159 + (2 * 32000 * 4096 + 65 * 4096) * 2, rel=1e-3)
+    # LoRA r 64 on all seven projections: 4,997,120 parameters a layer, fp32, and as many grads.
+    assert est.trainable == 32 * 4_997_120 * 4 == est.gradients
+    # Paged optimizer state lives in unified memory: shown, not counted.
+    assert est.optimizer == 0 and est.optimizer_paged == 32 * 4_997_120 * 8
+    assert est.total > est.weights + est.trainable + est.gradients
+
+
+def test_dict_and_object_configs_agree() -> None:
+    cfg = bench_cfg(4096, 0.1)
+    a = mem.estimate_memory(cfg, QWEN15B_AS_LLAMA)
+    b = mem.estimate_memory(cfg, SimpleNamespace(**QWEN15B_AS_LLAMA, head_dim=None))
+    assert a == b
+    assert mem.model_shape(QWEN15B_AS_LLAMA).kv_dim == 256
+
+
+def test_plans_order_memory() -> None:
+    cfg = bench_cfg(8192, 0.0)
+    by_n = [mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=n).total for n in (0, 8, 16, 24, 32)]
+    assert by_n == sorted(by_n, reverse=True)
+    all_ckpt = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=False, absmax_cache=False)
+    offload = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True, absmax_cache=False)
+    assert offload.total < all_ckpt.total and offload.checkpoint_inputs == 0
+    dev_opt = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, optimizer_on_device=True)
+    assert dev_opt.optimizer == 32 * 4_997_120 * 8 and dev_opt.optimizer_paged == 0
+    with_drop = mem.estimate_memory(bench_cfg(8192, 0.1), LLAMA7B, checkpointed_layers=0)
+    assert with_drop.total > by_n[0]  # dropout masks
+    unfused = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=0, fused=False)
+    assert unfused.total > by_n[0] and unfused.loss > 8192 * 32000 * 4  # fp32 logits exist
+
+
+def test_fit_prefers_speed_then_memory() -> None:
+    cfg = bench_cfg(2048, 0.1)
+    roomy = mem.fit_checkpointing(cfg, LLAMA7B, 80 * GIB)
+    assert roomy.checkpointed_layers == 0 and roomy.optimizer_on_device and roomy.absmax_cache
+    for budget in (20, 12, 8, 7, 6.3):
+        plan = mem.fit_checkpointing(cfg, LLAMA7B, int(budget * GIB))
+        assert plan.total <= 0.97 * budget * GIB
+    tight = mem.fit_checkpointing(cfg, LLAMA7B, int(7.0 * GIB))
+    assert 0 < tight.checkpointed_layers <= 32
+    lowest = mem.fit_checkpointing(cfg, LLAMA7B, 1 * GIB)  # nothing fits: the low-memory plan
+    assert lowest.offload and not lowest.absmax_cache and not lowest.optimizer_on_device
+
+
+def test_summary_and_breakdown() -> None:
+    est = mem.estimate_memory(bench_cfg(2048, 0.0), LLAMA7B)
+    parts = est.breakdown_gib()
+    assert parts["total"] == round(est.total_gib, 3)
+    assert "32/32 layers checkpointed" in est.summary() and "GiB" in est.summary()
+
+
+# Peaks measured by bench/gpu_train.py on one H200 (torch 2.11, transformers 5.17, peft, bitsandbytes
+# 0.50.2, liger-kernel 0.8.5), 2026-11-29, run 3: (shape, seq, dropout, checkpointed layers, offload,
+# optimizer on device, absmax cache, measured max_memory_allocated GiB).
+MEASURED = [
+    ("7b", 2048, 0.1, 29, False, False, True, 6.200),
+    ("7b", 2048, 0.1, 32, False, True, True, 6.889),
+    ("7b", 2048, 0.1, 32, True, True, True, 6.905),
+    ("7b", 2048, 0.1, 32, True, False, False, 5.336),
+    ("7b", 2048, 0.1, 0, False, True, True, 16.242),
+    ("7b", 2048, 0.0, 29, False, False, True, 5.996),
+    ("7b", 8192, 0.0, 29, False, True, True, 11.000),
+    ("7b", 8192, 0.0, 32, False, True, True, 9.164),
+    ("7b", 8192, 0.0, 32, True, True, True, 7.866),
+    ("7b", 8192, 0.0, 32, True, False, False, 6.298),
+    ("7b", 8192, 0.0, 0, False, True, True, 38.529),
+    ("1.5b", 2048, 0.1, 4, False, True, True, 6.392),
+    ("1.5b", 2048, 0.1, 28, False, True, True, 2.556),
+    ("1.5b", 2048, 0.1, 28, True, False, False, 2.126),
+    ("1.5b", 2048, 0.1, 0, False, True, True, 7.073),
+    ("1.5b", 2048, 0.0, 0, False, True, True, 6.102),
+]
+
+
+@pytest.mark.parametrize(("shape", "seq", "drop", "n", "offload", "dev_opt", "absmax", "measured"), MEASURED)
+def test_estimate_tracks_measured_peaks(
+    shape: str, seq: int, drop: float, n: int, offload: bool, dev_opt: bool, absmax: bool, measured: float
+) -> None:
+    est = mem.estimate_memory(
+        bench_cfg(seq, drop),
+        SHAPES[shape],
+        checkpointed_layers=n,
+        offload=offload,
+        optimizer_on_device=dev_opt,
+        absmax_cache=absmax,
+    )
+    # Within 10%, and never more than 6% under (an under-estimate is what makes a fit run out).
+    assert -0.06 <= est.total_gib / measured - 1 <= 0.10, est.summary()
