@@ -16,6 +16,7 @@ from typing import Any
 
 from assistant_forge.core.identity import (
     LANGS,
+    GenericPrompt,
     check_identity_text,
     check_langs,
     generic_prompt_records,
@@ -132,11 +133,32 @@ def collect_answers(answer_fn: AnswerFn, prompts: Sequence[str], batch_size: int
     return answers
 
 
+def _first(items: Sequence[Any], limit: int | None, lang_of: Callable[[Any], str]) -> list[Any]:
+    """The first `limit` items of each language, in order (all of them when limit is None)."""
+    if limit is None:
+        return list(items)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a whole number of at least 1, got {limit!r}")
+    seen: dict[str, int] = {}
+    out = []
+    for item in items:
+        lang = lang_of(item)
+        if seen.get(lang, 0) < limit:
+            seen[lang] = seen.get(lang, 0) + 1
+            out.append(item)
+    return out
+
+
+def heldout_generic(langs: Sequence[str] = LANGS, limit: int | None = None) -> list[GenericPrompt]:
+    """The held-out generic prompts `run_eval` asks (the first `limit` per language, if given)."""
+    return _first(generic_prompt_records("heldout", langs), limit, lambda p: p.lang)
+
+
 def base_answers_for(
-    answer_fn: AnswerFn, langs: Sequence[str] = LANGS, batch_size: int = 16
+    answer_fn: AnswerFn, langs: Sequence[str] = LANGS, batch_size: int = 16, limit: int | None = None
 ) -> dict[str, str]:
     """The base model's answers to the held-out generic prompts: `run_eval`'s `base_answers`."""
-    prompts = [p.prompt for p in generic_prompt_records("heldout", langs)]
+    prompts = [p.prompt for p in heldout_generic(langs, limit)]
     return dict(zip(prompts, collect_answers(answer_fn, prompts, batch_size), strict=True))
 
 
@@ -190,17 +212,20 @@ def run_eval(
     base_answers: dict[str, str] | None = None,
     batch_size: int = 16,
     n_examples: int = 3,
+    limit: int | None = None,
 ) -> EvalReport:
     """Ask the held-out identity questions and held-out generic prompts, and score the answers.
 
     `answer_fn` gets a batch of chats (each a list of messages) and returns one greedy answer per
     chat. `base_answers` maps generic prompt -> the base model's answer (see `base_answers_for`).
+    `limit` asks only the first N questions and first N generic prompts of each language: a quick
+    smoke check, too few for rates worth comparing.
     """
     name = check_identity_text(name, "name")
     author = check_identity_text(author, "author")
     lang_list = check_langs(langs)
-    questions = [q for lang in lang_list for q in heldout_questions(lang)]
-    generic = generic_prompt_records("heldout", lang_list)
+    questions = [q for lang in lang_list for q in _first(heldout_questions(lang), limit, lambda q: q.lang)]
+    generic = heldout_generic(lang_list, limit)
     answers = collect_answers(
         answer_fn, [q.text for q in questions] + [g.prompt for g in generic], batch_size
     )

@@ -214,3 +214,16 @@ def test_base_answers_for_and_bad_answer_fn() -> None:
         run_eval(answer_fn, " ", "Jane")
     with pytest.raises(ForgeError, match="Did you mean"):
         run_eval(answer_fn, "Ava", "Jane", langs=["chinese"])
+
+
+def test_run_eval_limit_asks_the_first_n_of_each_language() -> None:
+    answer_fn, asked = _model("Ava", "Jane")
+    base = base_answers_for(answer_fn, limit=2)
+    assert list(base) == [p.prompt for lang in ("en", "zh") for p in generic_prompt_records("heldout", [lang])[:2]]
+    asked.clear()
+    report = run_eval(answer_fn, "Ava", "Jane", base_answers=base, limit=2)
+    assert report.identity_total == {"en": 2, "zh": 2} and report.generic_total == 4
+    assert asked[:2] == [q.text for q in heldout_questions("en")[:2]]
+    assert report.preservation_count == 4
+    with pytest.raises(ValueError, match="limit"):
+        run_eval(answer_fn, "Ava", "Jane", limit=0)
