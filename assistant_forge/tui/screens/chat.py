@@ -76,6 +76,9 @@ class ChatScreen(StepScreen):
         yield Input(id="prompt", placeholder="Ask something; enter sends, esc stops")
         yield Footer()
 
+    def on_unmount(self) -> None:
+        self.stop_event.set()  # quitting mid-answer must not wait for generation to finish
+
     def on_screen_resume(self) -> None:
         if self.generating:
             return

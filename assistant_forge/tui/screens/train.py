@@ -81,7 +81,7 @@ class TrainScreen(StepScreen):
             log = Log(id="train-log", max_lines=2000)
             log.border_title = "train.log"
             yield log
-            samples = RichLog(id="train-samples", wrap=True, markup=False, max_lines=500)
+            samples = RichLog(id="train-samples", wrap=True, markup=False, max_lines=500, min_width=20)
             samples.border_title = "sample answers"
             yield samples
         yield Static("", id="train-msg", classes="status-line")
