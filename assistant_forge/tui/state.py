@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # pydantic is not imported before the first paint
 @dataclass
 class Session:
     dataset_path: Path | None = None
+    identity: tuple[str, str] = ("", "")  # name and author, for the config's [identity] (eval)
     config: ForgeConfig | None = None
     config_name: str = ""
     run: Path | None = None

@@ -94,6 +94,7 @@ def test_full_pipeline_through_the_app(tmp_path: Path, demo_path: str, torch_one
                 cf.query_one(f"#cf-{wid}", Input).value = value
             await pilot.pause()
             assert cf.cfg is not None and cf.cfg.train.max_steps == 8
+            assert (cf.cfg.identity.name, cf.cfg.identity.author) == ("Forgey", "Alice")
             await wait_for(
                 pilot, lambda: "GiB" in str(cf.query_one("#config-mem", Static).render()), 30, "estimate"
             )

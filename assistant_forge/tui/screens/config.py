@@ -218,6 +218,8 @@ class ConfigScreen(StepScreen):
             return
         if self.session.dataset_path:
             cfg.data.files = [str(self.session.dataset_path)]
+        if all(self.session.identity):
+            cfg.identity.name, cfg.identity.author = self.session.identity
         self.preset_name = name
         self.base_raw = cfg.model_dump(mode="json")
         self.query_one("#preset-desc", Static).update(f"[b]{name}[/] · {cfg.meta.description}")

@@ -156,6 +156,7 @@ class DatasetScreen(StepScreen):
             self.show_error("data-msg", str(e))
             return
         self.records = records
+        self.session.identity = (val["name"].strip(), val["author"].strip())
         self.refresh_table(cursor=0)
         self.query_one("#records", DataTable).focus()
         self.notify(f"generated {len(records)} identity conversations; review, edit, then save")
