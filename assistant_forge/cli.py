@@ -161,12 +161,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _check_data(cfg: Any) -> None:
     """Fail before launching, with file:line, rather than inside the detached trainer."""
     from assistant_forge.core.dataset import load_many
-    from assistant_forge.core.models import resolve_model
+    from assistant_forge.core.models import check_model_code, resolve_model
 
     if not cfg.data.files:
         raise ForgeError("The config lists no training data; set data.files.")
     load_many(cfg.data.files + cfg.data.general_files)
-    resolve_model(cfg.model.path)
+    check_model_code(resolve_model(cfg.model.path), cfg.model.path, cfg.model.trust_remote_code)
     if cfg.lora.method == "qlora":
         from assistant_forge.training.modeling import check_4bit_available
 
@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from assistant_forge.core.fsutil import restrict_umask
+
+    restrict_umask()  # runs, adapters and merged models are never group- or world-writable
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge.core.encoding import stop_token_ids, with_system
-from assistant_forge.core.models import quiet_transformers, resolve_model
+from assistant_forge.core.models import (
+    check_model_code,
+    quiet_transformers,
+    require_safetensors,
+    resolve_model,
+)
 from assistant_forge.core.templates import ChatTemplate, get_template
 from assistant_forge.errors import ForgeError
 
@@ -117,11 +122,14 @@ def load_chat_model(model: str, adapter: str | None = None, bits: int | None = N
 
     quiet_transformers()
     path = resolve_model(model)
+    check_model_code(path, model, trust_remote_code)
     trained = adapter_meta(adapter).get("chat_template") if adapter else model_template_name(path)
     if adapter and not Path(adapter).is_dir():
         raise ForgeError(f"Adapter folder {adapter} does not exist.")
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise ForgeError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); make one with `forge convert`.")
+    if adapter:
+        require_safetensors(adapter, "Adapter folder", ("adapter_model.safetensors",))
     if template and trained and template != trained and not allow_template_mismatch:
         raise ForgeError(f"This model was trained with the {trained!r} template, not {template!r}; "
                          "pass --force-template to chat with it anyway.")
@@ -129,7 +137,8 @@ def load_chat_model(model: str, adapter: str | None = None, bits: int | None = N
     tmpl = get_template(name)
     tok = load_tokenizer(path, tmpl, trust_remote_code)
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_cuda else torch.float32, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_cuda else torch.float32, "trust_remote_code": trust_remote_code,
+                              "use_safetensors": True}
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
 
@@ -143,7 +152,10 @@ def load_chat_model(model: str, adapter: str | None = None, bits: int | None = N
         raise ForgeError(f"--bits must be 4 or 8, not {bits}.")
     if use_cuda:
         kwargs["device_map"] = {"": 0}
-    m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ForgeError(f"Could not load model {model}: {str(e).splitlines()[0]}") from None
     label = Path(path).name
     if adapter:
         from peft import PeftModel

@@ -38,3 +38,8 @@ def append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
+
+
+def restrict_umask() -> None:
+    """Never create group- or world-writable files or folders, whatever umask we were started with."""
+    os.umask(os.umask(0o022) | 0o022)

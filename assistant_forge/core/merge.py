@@ -10,7 +10,12 @@ from typing import Any
 
 from assistant_forge.core.chat import ADAPTER_META, adapter_meta
 from assistant_forge.core.encoding import load_tokenizer, stop_token_ids
-from assistant_forge.core.models import quiet_transformers, resolve_model
+from assistant_forge.core.models import (
+    check_model_code,
+    quiet_transformers,
+    require_safetensors,
+    resolve_model,
+)
 from assistant_forge.core.runs import checkpoint_for, run_config
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
@@ -53,6 +58,7 @@ def convert(run: Path, out: str | Path, step: int | None = None, force: bool = F
         for f in ADAPTER_FILES:
             shutil.copy2(ckpt / f, staging / f)
         base = resolve_model(cfg.model.path)
+        check_model_code(base, cfg.model.path, cfg.model.trust_remote_code)
         tok = load_tokenizer(base, get_template(cfg.model.chat_template), cfg.model.trust_remote_code)
         _save_tokenizer(tok, cfg.model.chat_template, staging)
         meta = {"base_model": cfg.model.path, "base_model_path": base, "chat_template": cfg.model.chat_template,
@@ -80,7 +86,9 @@ def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str =
     adapter = Path(adapter).expanduser()
     if not (adapter / "adapter_config.json").is_file():
         raise ForgeError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); make one with `forge convert`.")
+    require_safetensors(adapter, "Adapter folder", ("adapter_model.safetensors",))
     path = resolve_model(base)
+    check_model_code(path, base, trust_remote_code)
     qc = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "quantization_config", None)
     if qc:
         q = qc if isinstance(qc, dict) else qc.to_dict()
@@ -93,7 +101,11 @@ def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str =
     staging = _prepare_out(out, force)
     try:
         torch_dtype = getattr(torch, _DTYPES[dtype])
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True)
+        except OSError as e:
+            raise ForgeError(f"Could not load model {base}: {str(e).splitlines()[0]}") from None
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tok = load_tokenizer(path, get_template(template_name), trust_remote_code)

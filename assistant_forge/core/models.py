@@ -42,6 +42,34 @@ def resolve_model(spec: str) -> str:
     raise ForgeError(f"Model folder {spec} does not exist (give a local folder, a hub id like org/name, or 'demo').")
 
 
+def check_model_code(path: str, spec: str, trust_remote_code: bool) -> None:
+    """Refuse, in one sentence, a local model that needs its own Python code unless the user trusts it.
+
+    transformers decides: a config with an auto_map whose model type it does not know itself needs
+    the model's code. Loaders also pass trust_remote_code=False explicitly, which never prompts.
+    """
+    config = Path(path) / "config.json"
+    if trust_remote_code or not config.is_file() or "auto_map" not in config.read_text(encoding="utf-8", errors="replace"):
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ForgeError(f"Model {spec} ships its own Python code (auto_map in its config.json), which forge runs only "
+                         "if you trust its author: set model.trust_remote_code = true or pass --trust-remote-code.") from None
+
+
+def require_safetensors(folder: str | Path, what: str, files: tuple[str, ...]) -> None:
+    """Weights load from safetensors only: a pickle (.bin/.pt) can run code when it is loaded."""
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / f).is_file() for f in files):
+        raise ForgeError(f"{what} {folder} has no {' or '.join(files)}; forge loads weights from safetensors files only "
+                         "(convert .bin weights with a tool you trust first).")
+
+
 def demo_model_dir() -> Path:
     """The demo model as a plain HF folder, fetched and converted on first use."""
     target = cache_dir() / DEMO_DIRNAME

@@ -7,7 +7,7 @@ from typing import Any
 
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import load_tokenizer
-from assistant_forge.core.models import resolve_model
+from assistant_forge.core.models import check_model_code, resolve_model
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
 
@@ -72,6 +72,7 @@ def load_base(cfg: ForgeConfig, device: str, dtype: Any) -> Any:
         dtype=dtype,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,  # a pickled checkpoint can run code when loaded
     )
     if cfg.lora.method == "qlora":
         check_4bit_available(device)
@@ -90,7 +91,9 @@ def build_model(cfg: ForgeConfig) -> tuple[Any, Any]:
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
     template = get_template(cfg.model.chat_template)
-    tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
+    path = resolve_model(cfg.model.path)
+    check_model_code(path, cfg.model.path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(path, template, cfg.model.trust_remote_code)
     model = load_base(cfg, device, dtype)
     if hook := _hook("apply_speedups"):
         model = hook(model, cfg) or model
