@@ -130,12 +130,16 @@ class MemoryEstimate:
     def total(self) -> int:
         # Backward frees checkpointed inputs as it allocates adapter gradients, layer by layer (and
         # both are about the same size per layer), so their sum stays near the larger of the two.
-        return (
+        backward = (
             self.static
             + max(self.gradients, self.checkpoint_inputs)
             + self.saved_activations
             + max(self.layer_workspace, self.loss)
         )
+        # A paged optimizer stepping one flat buffer (speed.FlatParams) gathers a second copy of the
+        # gradients at step time, once activations are gone.
+        flat_step = self.static + 2 * self.gradients if self.optimizer_paged and not self.offload else 0
+        return max(backward, flat_step)
 
     @property
     def total_gib(self) -> float:

@@ -56,7 +56,7 @@ class SpeedReport:
     num_layers: int = 0
     offload: bool = False
     optimizer_on_device: bool = False
-    flat_optimizer: bool = True  # make_optimizer steps one flat buffer (paged optimizers)
+    flat_optimizer: bool = True  # make_optimizer steps one flat buffer (paged, not in the low-memory plan)
     absmax_cache_gib: float = 0.0
     estimate_gib: float | None = None
     budget_gib: float | None = None
@@ -771,11 +771,12 @@ def training_args_overrides(cfg: ForgeConfig, model: Any = None) -> dict[str, An
 
 class FlatParams:
     """The trainable tensors as views of one flat fp32 buffer, so a bitsandbytes optimizer steps
-    one tensor instead of hundreds (its per-tensor Python loop is ~45 ms a step for a 7B's 448
-    LoRA matrices, on a step that is CPU-bound). Each gradient is copied into the flat gradient as
-    soon as it is accumulated (the per-tensor one is then a view into it, so clipping over
-    model.parameters() still sees it), and all of them are released after the optimizer step,
-    as zero_grad(set_to_none=True) would."""
+    one tensor instead of hundreds (its per-tensor Python loop costs ~45 ms a step for a 7B's 448
+    LoRA matrices, on a step that is CPU-bound). Right before the step the gradients are gathered
+    into one flat gradient (one `cat`, after backward has freed the activations, so the peak does
+    not grow); right after it that is freed. Per-tensor gradients stay as they are, so clipping
+    over model.parameters() and zero_grad work unchanged. No tensor hooks: a hook holding the
+    tensor it hangs on is a reference cycle through C++ that the garbage collector cannot free."""
 
     def __init__(self, params: list[Any]) -> None:
         import torch
@@ -788,38 +789,35 @@ class FlatParams:
             n = p.numel()
             self.flat.data[off : off + n].copy_(p.data.reshape(-1))
             p.data = self.flat.data[off : off + n].view_as(p)
-            p._forge_flat = (self, off, n)
-            p.register_post_accumulate_grad_hook(self._gather)
+            p._forge_flat = True
             off += n
 
-    def _gather(self, p: Any) -> None:
+    def gather_grads(self, *_: Any) -> None:
         import torch
 
-        if self.flat.grad is None:
-            self.flat.grad = torch.zeros_like(self.flat)
-        _, off, n = p._forge_flat
-        dst = self.flat.grad[off : off + n].view_as(p)
-        if p.grad is not None and p.grad.data_ptr() != dst.data_ptr():
-            dst.copy_(p.grad)
-            p.grad = dst
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.flat.grad = torch.cat([g.reshape(-1) for g in grads])
 
     def release_grads(self, *_: Any) -> None:
-        for p in self.params:
-            p.grad = None
         self.flat.grad = None
 
 
 def flat_params(model: Any, params: list[Any]) -> FlatParams | None:
     """The model's FlatParams over `params` (made once), or None when they cannot share a buffer."""
-    first = getattr(params[0], "_forge_flat", None) if params else None
-    if first is not None and first[0].params == params:
-        return first[0]
-    if not params or any(
-        p.dtype != params[0].dtype or p.device != params[0].device or hasattr(p, "_forge_flat")
-        for p in params
+    rep = report(model)
+    made: FlatParams | None = getattr(rep, "_flat", None)
+    if (
+        made is not None
+        and len(made.params) == len(params)
+        and all(a is b for a, b in zip(made.params, params))
     ):
+        return made
+    if not params or any(p.dtype != params[0].dtype or p.device != params[0].device for p in params):
         return None
-    return FlatParams(params)
+    if any(getattr(p, "_forge_flat", False) for p in params):
+        return None  # already views of another buffer
+    rep._flat = FlatParams(params)
+    return rep._flat
 
 
 def make_optimizer(model: Any, cfg: ForgeConfig, params: list[Any], lr: float, weight_decay: float) -> Any:
@@ -842,9 +840,11 @@ def make_optimizer(model: Any, cfg: ForgeConfig, params: list[Any], lr: float, w
     }.get(cfg.train.optimizer)
     if cls is None:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    flat = flat_params(model, params) if report(model).flat_optimizer else None
+    rep = report(model)
+    flat = flat_params(model, params) if rep.flat_optimizer and not rep.offload else None
     if flat is None:
         return cls(params, lr=lr, weight_decay=weight_decay)
     opt = cls([flat.flat], lr=lr, weight_decay=weight_decay)
+    opt.register_step_pre_hook(flat.gather_grads)
     opt.register_step_post_hook(flat.release_grads)
     return opt
