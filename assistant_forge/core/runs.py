@@ -5,7 +5,8 @@
 <run>/events.jsonl   one JSON object per logged step
 <run>/samples.jsonl  sample answers (before, every N steps, after)
 <run>/train.log      the trainer's stdout/stderr (a file: a full pipe would stall training)
-<run>/checkpoints/checkpoint-N/  complete once it holds COMPLETE_MARKER
+<run>/error.log      the traceback of a failed run (train.log and status.json say it in one sentence)
+<run>/checkpoints/checkpoint-N/  complete once it holds COMPLETE_MARKER; written as .saving-* and renamed
 <run>/.lock          held (flock) by the live trainer: a pid alone can be stale or reused
 """
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from assistant_forge.core.chat import generate_answers
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.dataset import load_many
 from assistant_forge.core.encoding import with_system
-from assistant_forge.core.fsutil import append_jsonl, atomic_write_json, atomic_write_jsonl
+from assistant_forge.core.fsutil import append_jsonl, atomic_write_json, atomic_write_jsonl, restrict_umask
 from assistant_forge.core.runs import (
     COMPLETE_MARKER,
     RunLock,
@@ -30,6 +34,7 @@ from assistant_forge.errors import ForgeError
 from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
 from assistant_forge.training.modeling import build_model, pick_device
 
+ERROR_LOG = "error.log"
 OOM_ADVICE = ("out of GPU memory: lower data.max_length or train.micro_batch_size, turn on "
               "train.gradient_checkpointing, or use method = \"qlora\"")
 
@@ -48,6 +53,142 @@ class StopRequested:
         signal.signal(signal.SIGINT, handler)
         # The trainer runs in its own session; a hang-up of the terminal that started it is not its concern.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Past a file-size limit a write fails with EFBIG (reported as a full disk) instead of killing us.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+# --- test-only fault injection ---------------------------------------------------------------------
+# FORGE_TEST_FAULT="<what>@<step>[,...]" makes tests/faults reproduce failures for real on a CPU:
+#   oom@N         raises a real torch.OutOfMemoryError inside training step N (no GPU to exhaust on CPU)
+#   fsize=B@N     from training step N on, no file may grow past B bytes (RLIMIT_FSIZE: writes fail, EFBIG)
+#   pause_save@N  sleeps inside the save of checkpoint N, after its weights and before its optimizer state,
+#                 so a test can kill the trainer while a checkpoint is half written
+# Unset (always, outside tests) it costs one dict lookup per step.
+
+def _faults() -> dict[str, tuple[str, int]]:
+    out = {}
+    for item in filter(None, os.environ.get("FORGE_TEST_FAULT", "").split(",")):
+        what, _, step = item.partition("@")
+        name, _, arg = what.partition("=")
+        out[name.strip()] = (arg, int(step))
+    return out
+
+
+def _fault(name: str, step: int) -> None:
+    fault = _faults().get(name)
+    if fault is None or fault[1] != step:
+        return
+    arg = fault[0]
+    print(f"test fault: {name} at step {step}", flush=True)
+    if name == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by FORGE_TEST_FAULT)")
+    if name == "fsize":
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(arg), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    if name == "pause_save":
+        time.sleep(float(arg or 600))
+
+
+# --- atomic checkpoints ----------------------------------------------------------------------------
+
+STAGING_PREFIX = ".saving-"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in [*folder.rglob("*"), folder]:
+        _fsync(p)
+
+
+def remove_stale_staging(checkpoints: Path) -> None:
+    """Half-written saves of a trainer that was killed; only the lock holder calls this."""
+    for d in checkpoints.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class ForgeTrainer(Trainer):
+    """A Trainer whose checkpoints appear whole or not at all.
+
+    Trainer writes each checkpoint into a hidden staging folder beside the others; once every file is
+    written and synced, the completeness marker goes in and the folder is renamed to checkpoint-N in one
+    step. A trainer killed mid-save leaves only a staging folder, which nothing reads and the next trainer
+    removes. The marker stays the test of completeness (checkpoints of older versions carry it too).
+    """
+
+    _staging: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        _fault("oom", self.state.global_step + 1)
+        _fault("fsize", self.state.global_step + 1)
+        return super().training_step(*args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        _fault("pause_save", self.state.global_step)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        root = Path(self.args.output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"checkpoint-{self.state.global_step}"
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{self.state.global_step}-"))
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+            written = staging / final.name
+            atomic_write_json(written / COMPLETE_MARKER, {"step": self.state.global_step, "time": now_iso()})
+            _fsync_tree(written)
+            if final.exists():  # an incomplete leftover of the same step
+                shutil.rmtree(final)
+            os.replace(written, final)
+            _fsync(root)
+        except Exception as e:
+            disk_full = _as_disk_full(e, root)
+            if disk_full is e:
+                raise
+            raise disk_full from e
+        finally:
+            self._staging = None
+            shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+
+_DISK_FULL_TEXT = ("no space left on device", "file too large", "disk quota exceeded", "storagefull", "filetoolarge")
+
+
+def _as_disk_full(e: BaseException, folder: Path | None = None) -> BaseException:
+    """safetensors and torch.save report a full disk as their own error types; make it an OSError again.
+
+    torch.save may say no more than "unexpected pos 382144 vs 382036": when a write into `folder` failed
+    and its filesystem has (almost) no space left, that was the cause.
+    """
+    if isinstance(e, OSError):
+        return e
+    text = str(e).lower()
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if os.strerror(code).lower() in text:
+            return OSError(code, os.strerror(code))
+    if any(t in text for t in _DISK_FULL_TEXT):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with contextlib.suppress(OSError):
+        if folder is not None and shutil.disk_usage(folder).free < 16 * 2**20:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return e
 
 
 def _mem_gib() -> float | None:
@@ -118,12 +259,6 @@ class RunCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
-    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        # Trainer calls on_save after the checkpoint folder is fully written: only now is it complete.
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            atomic_write_json(ckpt / COMPLETE_MARKER, {"step": state.global_step, "time": now_iso()})
-
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         if not StopRequested.flag:
             self._samples(model, state.global_step, "after")
@@ -146,7 +281,12 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
     with ctx:
         answers = generate_answers(model, tok, template, convs, max_new_tokens=cfg.eval.max_new_tokens)
-    recs = [{"messages": [*c, {"role": "assistant", "content": a}]} for c, a in zip(convs, answers) if a.strip()]
+    # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
+    # teach the model to stop mid-thought, which measurably shortened (and so changed) unrelated answers.
+    limit = cfg.eval.max_new_tokens - 2  # decode/re-encode may differ by a token; a near-full answer counts
+    recs = [{"messages": [*c, {"role": "assistant", "content": a}],
+             **({"open_end": True} if len(tok(a, add_special_tokens=False)["input_ids"]) >= limit else {})}
+            for c, a in zip(convs, answers) if a.strip()]
     atomic_write_jsonl(path, recs)
     return recs
 
@@ -220,8 +360,9 @@ def train_run(run: Path, resume: bool = False) -> str:
     rows = pack(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)
     print(f"{len(records)} conversations ({len(replay)} replay answers available) -> {len(samples)} samples "
           f"-> {len(rows)} rows of <= {cfg.data.max_length} tokens", flush=True)
-    trainer = Trainer(model=model, args=training_args(run, cfg, device), train_dataset=Dataset.from_list(rows),
-                      data_collator=FlatCollator(), callbacks=[RunCallback(run, cfg, tok, len(rows))])
+    remove_stale_staging(run / "checkpoints")
+    trainer = ForgeTrainer(model=model, args=training_args(run, cfg, device), train_dataset=Dataset.from_list(rows),
+                           data_collator=FlatCollator(), callbacks=[RunCallback(run, cfg, tok, len(rows))])
     checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     # Keep the tokenizer (with the pipeline's template) beside the newest checkpoint for `forge convert`.
@@ -234,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(argv[0]).resolve()
     resume = "--resume" in argv
     StopRequested.install()
+    restrict_umask()
     lock = RunLock(run)
     if not lock.acquire():
         print(f"error: run directory {run} is in use by another trainer", file=sys.stderr)
@@ -249,10 +391,15 @@ def main(argv: list[str] | None = None) -> int:
         reason = _explain(e)
         import traceback
 
-        traceback.print_exc()
+        # The details go to error.log, not train.log: `forge train` shows train.log, and people get one sentence.
+        with contextlib.suppress(OSError), open(run / ERROR_LOG, "a", encoding="utf-8") as f:  # the disk may be full
+            f.write(f"--- {now_iso()}\n{traceback.format_exc()}")
+        with contextlib.suppress(OSError):
+            print(f"the details of this failure are in {run / ERROR_LOG}", flush=True)
     finally:
         write_status(run, state=state, reason=reason, ended=now_iso())
-        print(f"run {state}" + (f": {reason}" if reason else ""), flush=True)
+        with contextlib.suppress(OSError):
+            print(f"run {state}" + (f": {reason}" if reason else ""), flush=True)
         lock.release()
     return code
 
@@ -268,8 +415,12 @@ def _explain(e: BaseException) -> str:
 
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return OOM_ADVICE
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+    e = _as_disk_full(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({e.strerror}); free space and resume with `forge train --resume`"
+    if isinstance(e, OSError) and e.errno == errno.EFBIG:
+        return ("a file outgrew the size limit this process may write (File too large, see `ulimit -f`); "
+                "raise the limit and resume with `forge train --resume`")
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
