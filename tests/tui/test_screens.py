@@ -99,8 +99,10 @@ def test_train_screen_tails_a_growing_run() -> None:
             f.write('{"step": 4, "total_')  # half-written: not read yet
         with open(run / "train.log", "a") as f:
             f.write(" line\nstep 3\n")
-        await wait_for(pilot, lambda: len(plot.values) == 3, 10, "appended event")
-        assert screen.query_one("#train-log").lines[-2:] == ["partial line", "step 3"]
+        log = screen.query_one("#train-log")
+        # The two files may be read in different polls: wait for both.
+        await wait_for(pilot, lambda: len(plot.values) == 3 and log.line_count == 3, 10, "appended lines")
+        assert log.lines[-2:] == ["partial line", "step 3"]
         assert "step 3/10" in str(screen.query_one("#metrics").render())
 
     _run(flow)

@@ -58,7 +58,11 @@ class HomeScreen(StepScreen):
         self._paths: list[Path] = []
         # First paint first: the core (pydantic) is imported by the worker, after the screen shows.
         self.call_after_refresh(self.load_runs)
-        self.set_interval(1.0, self.load_runs)
+        self.set_interval(1.0, self._tick)
+
+    def _tick(self) -> None:
+        if self.is_current:  # no polling while another step's screen is shown
+            self.load_runs()
 
     def action_refresh(self) -> None:
         self.load_runs()
