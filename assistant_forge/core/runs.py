@@ -102,13 +102,36 @@ def write_status(run: Path, **fields: Any) -> dict:
     return status
 
 
+def pid_alive(pid: Any) -> bool:
+    """A live, non-zombie process with this pid (a zombie is a trainer that exited unreaped)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, PermissionError, TypeError, ValueError):
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _live(run: Path, status: dict) -> bool:
+    """Is a trainer working on this run? Between launch and taking the lock only its pid can tell."""
+    if trainer_alive(run):
+        return True
+    if status.get("state") != "starting":
+        return False
+    pid = status.get("pid")
+    return pid is None or pid_alive(pid)  # no pid yet: launch() is between its two writes
+
+
 def read_status(run: Path) -> dict:
-    """status.json, with a live state corrected to 'dead' when no trainer holds the lock."""
+    """status.json, with a live state corrected to 'dead' when no trainer is working on the run."""
     status = read_json(run / "status.json")
-    if status.get("state") in LIVE_STATES and not trainer_alive(run):
+    if status.get("state") in LIVE_STATES and not _live(run, status):
         # Re-read: the trainer may have finished between the two reads.
         status = read_json(run / "status.json")
-        if status.get("state") in LIVE_STATES and not trainer_alive(run):
+        if status.get("state") in LIVE_STATES and not _live(run, status):
             status["state"] = "dead"
             status["reason"] = "the trainer process is gone without finishing (killed or crashed); resume with `forge train --resume`"
     return status
@@ -163,6 +186,21 @@ def new_run_dir(cfg: ForgeConfig, run_dir: str | Path | None = None, label: str 
     return run
 
 
+def preflight(cfg: ForgeConfig) -> None:
+    """Fail before launching, with file:line, rather than inside the detached trainer."""
+    from assistant_forge.core.dataset import load_many
+    from assistant_forge.core.models import check_model_code, resolve_model
+
+    if not cfg.data.files:
+        raise ForgeError("The config lists no training data; set data.files.")
+    load_many(cfg.data.files + cfg.data.general_files)
+    check_model_code(resolve_model(cfg.model.path), cfg.model.path, cfg.model.trust_remote_code)
+    if cfg.lora.method == "qlora":
+        from assistant_forge.training.modeling import check_4bit_available
+
+        check_4bit_available("")
+
+
 def run_config(run: Path) -> ForgeConfig:
     return load_config(run / "config.toml")
 
@@ -177,10 +215,12 @@ def launch(run: Path, resume: bool = False) -> int:
     if resume and not complete_checkpoints(run):
         raise ForgeError(f"Run {run.name} has no complete checkpoint to resume from.")
     cmd = [sys.executable, "-m", "assistant_forge.training", str(run)] + (["--resume"] if resume else [])
+    # 'starting' is written before the trainer exists, so it can never overwrite the trainer's 'running'.
+    write_status(run, state="starting", reason="", resumed=resume)
     with open(run / "train.log", "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(cmd, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=run, close_fds=True)
-    write_status(run, state="starting", pid=proc.pid, reason="", resumed=resume)
+    write_status(run, pid=proc.pid)
     return proc.pid
 
 
@@ -241,7 +281,7 @@ def follow_file(path: Path, run: Path, poll_s: float = 0.5, from_start: bool = T
     pos = 0 if from_start else (path.stat().st_size if path.exists() else 0)
     buf = ""
     while True:
-        alive = trainer_alive(run) or read_json(run / "status.json").get("state") == "starting"
+        alive = _live(run, read_json(run / "status.json"))
         if path.exists():
             with open(path, encoding="utf-8", errors="replace") as f:
                 f.seek(pos)

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from assistant_forge.core.chat import generate_answers
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.dataset import load_many
 from assistant_forge.core.encoding import with_system
 from assistant_forge.core.fsutil import append_jsonl, atomic_write_json, atomic_write_jsonl, restrict_umask
+from assistant_forge.core.models import quiet_transformers
 from assistant_forge.core.runs import (
     COMPLETE_MARKER,
     RunLock,
@@ -31,6 +33,7 @@ from assistant_forge.core.runs import (
 )
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
+from assistant_forge.training import speed
 from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
 from assistant_forge.training.modeling import build_model, pick_device
 
@@ -299,7 +302,7 @@ class _null:
         return None
 
 
-def training_args(run: Path, cfg: ForgeConfig, device: str) -> TrainingArguments:
+def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) -> TrainingArguments:
     import torch
 
     t = cfg.train
@@ -307,6 +310,7 @@ def training_args(run: Path, cfg: ForgeConfig, device: str) -> TrainingArguments
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
     optim = t.optimizer if device == "cuda" or not t.optimizer.startswith(("paged", "adamw_8bit")) else "adamw_torch"
+    optim = overrides.pop("optim", optim)  # the fast path may move a paged optimizer on-device
     return TrainingArguments(
         output_dir=str(run / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
@@ -333,8 +337,8 @@ def training_args(run: Path, cfg: ForgeConfig, device: str) -> TrainingArguments
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen=True,
-        gradient_checkpointing=False,  # configured on the model in modeling.wrap_for_training
-    )
+        **overrides,
+    )  # gradient checkpointing is configured on the model in modeling.wrap_for_training
 
 
 def train_run(run: Path, resume: bool = False) -> str:
@@ -342,6 +346,7 @@ def train_run(run: Path, resume: bool = False) -> str:
     import torch
     from datasets import Dataset
 
+    quiet_transformers()  # progress bars make train.log unreadable; events.jsonl has the progress
     cfg = run_config(run)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -361,8 +366,19 @@ def train_run(run: Path, resume: bool = False) -> str:
     print(f"{len(records)} conversations ({len(replay)} replay answers available) -> {len(samples)} samples "
           f"-> {len(rows)} rows of <= {cfg.data.max_length} tokens", flush=True)
     remove_stale_staging(run / "checkpoints")
-    trainer = ForgeTrainer(model=model, args=training_args(run, cfg, device), train_dataset=Dataset.from_list(rows),
-                           data_collator=FlatCollator(), callbacks=[RunCallback(run, cfg, tok, len(rows))])
+    overrides: dict[str, Any] = {}
+    optimizers: tuple[Any, Any] = (None, None)
+    if speed.enabled(model, cfg):
+        # The fast path fitted checkpointing and the optimizer to the memory budget; keep its plan.
+        overrides = speed.training_args_overrides(cfg, model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizers = (speed.make_optimizer(model, cfg, trainable, lr=cfg.train.learning_rate,
+                                           weight_decay=cfg.train.weight_decay), None)
+        print(f"fast path: {speed.report(model).as_dict()}", flush=True)
+    trainer = ForgeTrainer(model=model, args=training_args(run, cfg, device, **overrides),
+                           train_dataset=Dataset.from_list(rows), data_collator=FlatCollator(),
+                           callbacks=[RunCallback(run, cfg, tok, len(rows))], optimizers=optimizers)
+    trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per step instead
     checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     # Keep the tokenizer (with the pipeline's template) beside the newest checkpoint for `forge convert`.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,37 +56,6 @@ def _json_lines(lines: list[str]) -> list[dict]:
     return out
 
 
-def pid_running(pid: object) -> bool:
-    """True for a live, non-zombie process (a trainer we launched and that died is a zombie)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def effective_status(run: Path) -> dict:
-    """core.runs.read_status, except a just-launched trainer still importing torch is 'starting'.
-
-    The trainer takes the run lock only after its imports (seconds), and read_status calls a
-    lockless 'starting' run dead; the UI would flash "dead" right after Start without this.
-    """
-    from assistant_forge.core.runs import read_json, read_status
-
-    status = read_status(run)
-    if status.get("state") == "dead":
-        raw = read_json(run / "status.json")
-        if raw.get("state") == "starting" and pid_running(raw.get("pid")):
-            return {**raw, "state": "starting"}
-    return status
-
-
 @dataclass
 class RunUpdate:
     run: Path
@@ -114,9 +82,9 @@ class RunWatcher:
 
     def poll(self) -> RunUpdate | None:
         """The news since the last poll, or None when nothing changed."""
-        from assistant_forge.core.runs import complete_checkpoints
+        from assistant_forge.core.runs import complete_checkpoints, read_status
 
-        status = effective_status(self.run)
+        status = read_status(self.run)
         upd = RunUpdate(
             self.run,
             status,

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from forge_testing import forge, tiny_config
 
 from assistant_forge.core.config import load_config
 from assistant_forge.core.runs import complete_checkpoints, new_run_dir, read_jsonl, read_status
-from forge_testing import forge, tiny_config
 
 pytestmark = pytest.mark.slow
 

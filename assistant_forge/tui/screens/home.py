@@ -71,9 +71,8 @@ class HomeScreen(StepScreen):
     def load_runs(self) -> None:
         try:
             from assistant_forge.core.runs import list_runs
-            from assistant_forge.tui.watch import effective_status
 
-            runs = [(r.path, effective_status(r.path)) for r in list_runs()]
+            runs = [(r.path, r.status) for r in list_runs()]
             self.post_message(self.RunsLoaded(runs))
         except Exception as e:  # a broken runs folder must not take the app down
             self.post_message(self.RunsLoaded([], f"cannot read runs: {e}"))

@@ -199,12 +199,15 @@ class TrainScreen(StepScreen):
 
     @work(thread=True, exclusive=True, group="launch")
     def start_worker(self, cfg: ForgeConfig, label: str) -> None:
-        from assistant_forge.cli import _check_data  # the same checks as `forge train`
-        from assistant_forge.core.runs import launch, new_run_dir
+        from assistant_forge.core.runs import (
+            launch,
+            new_run_dir,
+            preflight,  # the same checks as `forge train`
+        )
         from assistant_forge.errors import ForgeError
 
         try:
-            _check_data(cfg)
+            preflight(cfg)
             run = new_run_dir(cfg, label=label)
             pid = launch(run)
         except ForgeError as e:
