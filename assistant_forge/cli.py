@@ -137,13 +137,13 @@ def follow_run(run: Path, quiet: bool = False) -> None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from assistant_forge.core.presets import resolve_config
-    from assistant_forge.core.runs import find_run, launch, new_run_dir, read_status
+    from assistant_forge.core.runs import find_run, launch, new_run_dir, preflight, read_status
 
     if a.resume:
         run = find_run(a.run_dir or a.config)
     else:
         cfg, _ = resolve_config(a.config)
-        _check_data(cfg)
+        preflight(cfg)
         if cfg.model.trust_remote_code:
             print("warning: trust_remote_code is on: the model's own Python code will run.", file=sys.stderr)
         run = new_run_dir(cfg, a.run_dir, label=Path(a.config).stem)
@@ -156,21 +156,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     status = read_status(run)
     print(f"run {status.get('state')}" + (f": {status['reason']}" if status.get("reason") else ""))
     return 0 if status.get("state") in ("finished", "stopped") else 1
-
-
-def _check_data(cfg: Any) -> None:
-    """Fail before launching, with file:line, rather than inside the detached trainer."""
-    from assistant_forge.core.dataset import load_many
-    from assistant_forge.core.models import check_model_code, resolve_model
-
-    if not cfg.data.files:
-        raise ForgeError("The config lists no training data; set data.files.")
-    load_many(cfg.data.files + cfg.data.general_files)
-    check_model_code(resolve_model(cfg.model.path), cfg.model.path, cfg.model.trust_remote_code)
-    if cfg.lora.method == "qlora":
-        from assistant_forge.training.modeling import check_4bit_available
-
-        check_4bit_available("")
 
 
 def _fmt_eta(s: Any) -> str:
@@ -300,6 +285,17 @@ def cmd_chat(a: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts: a bad --limit is a usage error, not a traceback from deep inside."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from assistant_forge.core.chat import load_chat_model
     from assistant_forge.core.evaluate import base_answers_for, run_eval
@@ -308,11 +304,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     base_answers = None
     if a.base:
         base = load_chat_model(a.base)
-        base_answers = base_answers_for(lambda b: base.answer_batch(b, a.max_new_tokens), langs=langs)
+        base_answers = base_answers_for(lambda b: base.answer_batch(b, a.max_new_tokens), langs=langs,
+                                        limit=a.limit)
         del base
     tuned = load_chat_model(a.model, a.adapter)
     report = run_eval(lambda b: tuned.answer_batch(b, a.max_new_tokens), a.name, a.author or "", langs=langs,
-                      base_answers=base_answers)
+                      base_answers=base_answers, limit=a.limit)
     d = report.to_dict()
     if a.json:
         print(json.dumps(d, ensure_ascii=False, indent=2))
@@ -445,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", help="base model, for preservation")
     sp.add_argument("--lang", default="en,zh")
     sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--limit", type=_positive_int, metavar="N",
+                    help="ask only the first N held-out questions and prompts per language (a quick check)")
     sp.add_argument("--json", action="store_true")
 
     sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded demo model, on CPU")
