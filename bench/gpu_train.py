@@ -35,30 +35,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from assistant_forge.core.memory import REFERENCE_SHAPES  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES: dict[str, dict[str, Any]] = {
-    # Llama-2-7B, exactly what peer_qlora.py builds.
-    "7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    ),
-    # Qwen2.5-1.5B's dimensions in Llama form: GQA, tied embeddings, 152k vocab.
-    "1.5b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-    ),
+    "7b": {**REFERENCE_SHAPES["7b"], "max_position_embeddings": 4096},
+    "1.5b": {**REFERENCE_SHAPES["1.5b"], "max_position_embeddings": 32768, "rope_theta": 1e6},
 }
 GIB = 1024**3
 

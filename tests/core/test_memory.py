@@ -13,24 +13,9 @@ from assistant_forge.core import memory as mem
 from assistant_forge.core.config import ForgeConfig
 
 GIB = mem.GIB
-LLAMA7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-)
-QWEN15B_AS_LLAMA = dict(
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-)
-SHAPES = {"7b": LLAMA7B, "1.5b": QWEN15B_AS_LLAMA}
+LLAMA7B = mem.REFERENCE_SHAPES["7b"]
+QWEN15B_AS_LLAMA = mem.REFERENCE_SHAPES["1.5b"]
+SHAPES = mem.REFERENCE_SHAPES
 
 
 def bench_cfg(seq: int, dropout: float) -> ForgeConfig:
