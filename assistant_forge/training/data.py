@@ -9,18 +9,31 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from assistant_forge.core.encoding import IGNORE, encode_chat, with_system
+from assistant_forge.core.encoding import IGNORE, encode_chat, stop_token_ids, with_system
 from assistant_forge.core.templates import ChatTemplate
 
 
 def encode_records(tok: Any, template: ChatTemplate, records: list[dict], max_length: int,
                    system_prompt: str | None = None) -> list[dict]:
     samples = []
+    stops = set(stop_token_ids(tok, template))
     for rec in records:
         enc = encode_chat(tok, template, with_system(rec["messages"], system_prompt), max_length)
+        if enc is not None and rec.get("open_end"):
+            enc = _without_final_stop(enc, stops)
         if enc is not None:
             samples.append(enc)
     return samples
+
+
+def _without_final_stop(enc: dict, stops: set[int]) -> dict | None:
+    """No loss on the end-of-turn token of an answer that was cut off, not finished."""
+    labels = list(enc["labels"])
+    last = max((i for i, label in enumerate(labels) if label != IGNORE), default=None)
+    if last is None or enc["input_ids"][last] not in stops:
+        return enc
+    labels[last] = IGNORE
+    return None if all(label == IGNORE for label in labels) else {**enc, "labels": labels}
 
 
 def pack(samples: list[dict], max_length: int, packing: bool, seed: int) -> list[dict]:
