@@ -165,10 +165,10 @@ def find_run(spec: str) -> Path:
         return p.resolve()
     names = [r.name for r in list_runs()]
     if spec in names:
-        return runs_dir() / spec
+        return (runs_dir() / spec).resolve()
     prefixed = [n for n in names if n.startswith(spec)]
     if len(prefixed) == 1:
-        return runs_dir() / prefixed[0]
+        return (runs_dir() / prefixed[0]).resolve()
     raise ForgeError(f"No run {spec!r}.{did_you_mean(spec, names)} See `forge runs`.")
 
 
@@ -183,7 +183,23 @@ def new_run_dir(cfg: ForgeConfig, run_dir: str | Path | None = None, label: str 
     run.mkdir(parents=True, exist_ok=True, mode=0o700)
     save_config(cfg, run / "config.toml", header="# The resolved config this run trained; not edited after start.")
     write_status(run, state="created", name=run.name, created=now_iso())
+    if run.parent != runs_dir().resolve():
+        _link_into_runs_dir(run)
     return run
+
+
+def _link_into_runs_dir(run: Path) -> None:
+    """A run made with --run-dir elsewhere gets a link in the runs folder, so `forge runs` and the app list it."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{run.parent.name}-{run.name}").strip("-") or "run"
+    for n in range(1, 1000):
+        link = runs_dir() / (base if n == 1 else f"{base}-{n}")
+        if link.is_symlink() and not link.exists():
+            link.unlink()  # its run was deleted: the name is free again
+        try:
+            link.symlink_to(run, target_is_directory=True)
+            return
+        except FileExistsError:
+            continue
 
 
 def preflight(cfg: ForgeConfig) -> None:
