@@ -37,6 +37,7 @@ def _table(columns: list[str], rows: list[list[Any]], title: str | None = None) 
 
 # --- presets ------------------------------------------------------------------------------------
 
+
 def cmd_presets_list(a: argparse.Namespace) -> int:
     from assistant_forge.core.presets import list_presets
 
@@ -44,7 +45,9 @@ def cmd_presets_list(a: argparse.Namespace) -> int:
     for p in list_presets():
         c = p.load()
         gpu = f"{c.meta.min_gpu_gib:g} GiB" if c.meta.min_gpu_gib else "none (CPU)"
-        rows.append([p.name + (" (user)" if p.user else ""), c.model.path, c.lora.method, c.data.max_length, gpu])
+        rows.append(
+            [p.name + (" (user)" if p.user else ""), c.model.path, c.lora.method, c.data.max_length, gpu]
+        )
     _table(["name", "model", "method", "max length", "min GPU memory"], rows)
     return 0
 
@@ -68,12 +71,15 @@ def cmd_presets_copy(a: argparse.Namespace) -> int:
 
 # --- data ---------------------------------------------------------------------------------------
 
+
 def cmd_data_identity(a: argparse.Namespace) -> int:
     from assistant_forge.core.dataset import write_records
     from assistant_forge.core.identity import generate_identity_records
 
     langs = [s.strip() for s in a.lang.split(",") if s.strip()]
-    recs = generate_identity_records(a.name, a.author, langs=langs, count=a.count, facts=a.fact or (), seed=a.seed)
+    recs = generate_identity_records(
+        a.name, a.author, langs=langs, count=a.count, facts=a.fact or (), seed=a.seed
+    )
     write_records(recs, a.output)
     print(f"wrote {len(recs)} conversations to {a.output}")
     return 0
@@ -89,7 +95,9 @@ def cmd_data_check(a: argparse.Namespace) -> int:
     else:
         turns = ", ".join(f"{k} {v}" for k, v in sorted(d["turns"].items()))
         fmts = ", ".join(f"{k} {v}" for k, v in d["formats"].items())
-        print(f"{a.file}: {d['records']} conversations OK ({turns}; formats: {fmts}; {d['chars']} characters)")
+        print(
+            f"{a.file}: {d['records']} conversations OK ({turns}; formats: {fmts}; {d['chars']} characters)"
+        )
     return 0
 
 
@@ -114,13 +122,18 @@ def cmd_data_preview(a: argparse.Namespace) -> int:
     template = get_template(cfg.model.chat_template)
     tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
     for i, rec in enumerate(recs[: a.n]):
-        enc = encode_chat(tok, template, with_system(rec["messages"], cfg.data.system_prompt), cfg.data.max_length)
+        enc = encode_chat(
+            tok, template, with_system(rec["messages"], cfg.data.system_prompt), cfg.data.max_length
+        )
         print(f"--- sample {i + 1}: {len(enc['input_ids']) if enc else 0} tokens; loss on [[...]] ---")
-        print(render_loss_preview(tok, enc, ("[[", "]]")) if enc else "(no assistant token within max_length)")
+        print(
+            render_loss_preview(tok, enc, ("[[", "]]")) if enc else "(no assistant token within max_length)"
+        )
     return 0
 
 
 # --- train and runs -----------------------------------------------------------------------------
+
 
 def follow_run(run: Path, quiet: bool = False) -> None:
     """Print the trainer's log as it grows until it ends; Ctrl-C detaches, training goes on."""
@@ -131,7 +144,9 @@ def follow_run(run: Path, quiet: bool = False) -> None:
             if not quiet:
                 print(line, flush=True)
     except KeyboardInterrupt:
-        print(f"\ndetached; training continues. Reattach: forge runs logs {run} -f   Stop: forge runs stop {run}")
+        print(
+            f"\ndetached; training continues. Reattach: forge runs logs {run} -f   Stop: forge runs stop {run}"
+        )
         raise SystemExit(0) from None
 
 
@@ -176,8 +191,16 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
     for r in runs:
         s = r.status
         prog = f"{s.get('step', 0)}/{s.get('total_steps', '?')}"
-        rows.append([r.name, r.state, prog, s.get("loss", "-"), _fmt_eta(s.get("eta_s")) if r.state == "running" else "-",
-                     s.get("started", "-")])
+        rows.append(
+            [
+                r.name,
+                r.state,
+                prog,
+                s.get("loss", "-"),
+                _fmt_eta(s.get("eta_s")) if r.state == "running" else "-",
+                s.get("started", "-"),
+            ]
+        )
     _table(["run", "state", "step", "loss", "eta", "started"], rows)
     return 0
 
@@ -225,6 +248,7 @@ def cmd_runs_stop(a: argparse.Namespace) -> int:
 
 # --- export, merge, chat, eval, demo --------------------------------------------------------------
 
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from assistant_forge.core.merge import convert
     from assistant_forge.core.runs import find_run
@@ -237,8 +261,15 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_merge(a: argparse.Namespace) -> int:
     from assistant_forge.core.merge import merge
 
-    out = merge(a.base, a.adapter, a.output, max_shard_size=a.max_shard_size, dtype=a.dtype, force=a.force,
-                trust_remote_code=a.trust_remote_code)
+    out = merge(
+        a.base,
+        a.adapter,
+        a.output,
+        max_shard_size=a.max_shard_size,
+        dtype=a.dtype,
+        force=a.force,
+        trust_remote_code=a.trust_remote_code,
+    )
     print(f"merged model written to {out}")
     return 0
 
@@ -248,8 +279,15 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     from assistant_forge.core.chat import load_chat_model
 
-    chat = load_chat_model(a.model, a.adapter, a.bits, template=a.template, allow_template_mismatch=a.force_template,
-                           system=a.system, trust_remote_code=a.trust_remote_code)
+    chat = load_chat_model(
+        a.model,
+        a.adapter,
+        a.bits,
+        template=a.template,
+        allow_template_mismatch=a.force_template,
+        system=a.system,
+        trust_remote_code=a.trust_remote_code,
+    )
     if a.prompt is not None:
         for piece in chat.stream([{"role": "user", "content": a.prompt}], max_new_tokens=a.max_new_tokens):
             print(piece, end="", flush=True)
@@ -304,19 +342,29 @@ def cmd_eval(a: argparse.Namespace) -> int:
     base_answers = None
     if a.base:
         base = load_chat_model(a.base)
-        base_answers = base_answers_for(lambda b: base.answer_batch(b, a.max_new_tokens), langs=langs,
-                                        limit=a.limit)
+        base_answers = base_answers_for(
+            lambda b: base.answer_batch(b, a.max_new_tokens), langs=langs, limit=a.limit
+        )
         del base
     tuned = load_chat_model(a.model, a.adapter)
-    report = run_eval(lambda b: tuned.answer_batch(b, a.max_new_tokens), a.name, a.author or "", langs=langs,
-                      base_answers=base_answers, limit=a.limit)
+    report = run_eval(
+        lambda b: tuned.answer_batch(b, a.max_new_tokens),
+        a.name,
+        a.author or "",
+        langs=langs,
+        base_answers=base_answers,
+        limit=a.limit,
+    )
     d = report.to_dict()
     if a.json:
         print(json.dumps(d, ensure_ascii=False, indent=2))
         return 0
     rows = [[f"identity rate ({lang})", _pct(r)] for lang, r in d["identity_rate"].items()]
-    rows += [["leakage", _pct(d["leakage_rate"])], ["preservation", _pct(d["preservation"])],
-             ["facts kept", _pct(d.get("facts_kept"))]]
+    rows += [
+        ["leakage", _pct(d["leakage_rate"])],
+        ["preservation", _pct(d["preservation"])],
+        ["facts kept", _pct(d.get("facts_kept"))],
+    ]
     _table(["measure", "value"], rows, title=f"{tuned.label} as {a.name}")
     return 0
 
@@ -342,14 +390,19 @@ def cmd_tui(a: argparse.Namespace) -> int:
     try:
         from assistant_forge.tui.app import run_app
     except ImportError as e:
-        raise ForgeError(f"The terminal app is not available ({e}); every step also runs as a subcommand, see `forge --help`.") from None
+        raise ForgeError(
+            f"The terminal app is not available ({e}); every step also runs as a subcommand, see `forge --help`."
+        ) from None
     return run_app()
 
 
 # --- the parser ---------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="forge", description="Turn a chat LLM into your own assistant. No subcommand opens the app.")
+    p = argparse.ArgumentParser(
+        prog="forge", description="Turn a chat LLM into your own assistant. No subcommand opens the app."
+    )
     p.add_argument("--version", action="version", version=f"forge {__version__}")
     p.set_defaults(func=cmd_tui)
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
@@ -359,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    pr = sub.add_parser("presets", help="list, show and copy presets").add_subparsers(metavar="ACTION", required=True)
+    pr = sub.add_parser("presets", help="list, show and copy presets").add_subparsers(
+        metavar="ACTION", required=True
+    )
     add(pr, "list", cmd_presets_list, "list presets")
     sp = add(pr, "show", cmd_presets_show, "print a preset")
     sp.add_argument("name")
@@ -368,19 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dest")
     sp.add_argument("--force", action="store_true", help="overwrite DEST")
 
-    dt = sub.add_parser("data", help="make, check, convert and preview datasets").add_subparsers(metavar="ACTION", required=True)
+    dt = sub.add_parser("data", help="make, check, convert and preview datasets").add_subparsers(
+        metavar="ACTION", required=True
+    )
     sp = add(dt, "identity", cmd_data_identity, "write a self-identity dataset (messages JSONL)")
     sp.add_argument("--name", required=True, help="the assistant's name")
     sp.add_argument("--author", required=True, help="who made it")
     sp.add_argument("--lang", default="en,zh", help="languages, comma separated (default en,zh)")
-    sp.add_argument("--count", type=int, help="number of conversations (default: every training question once)")
+    sp.add_argument(
+        "--count", type=int, help="number of conversations (default: every training question once)"
+    )
     sp.add_argument("--fact", action="append", help="a persona fact (repeatable)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("-o", "--output", required=True)
     sp = add(dt, "check", cmd_data_check, "validate a dataset and print counts")
     sp.add_argument("file")
     sp.add_argument("--json", action="store_true")
-    sp = add(dt, "convert", cmd_data_convert, "convert messages/ShareGPT/Alpaca/XTuner data to messages JSONL")
+    sp = add(
+        dt, "convert", cmd_data_convert, "convert messages/ShareGPT/Alpaca/XTuner data to messages JSONL"
+    )
     sp.add_argument("input")
     sp.add_argument("-o", "--output", required=True)
     sp = add(dt, "preview", cmd_data_preview, "show templated samples with the tokens that carry loss marked")
@@ -391,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "train", cmd_train, "train from a config (a detached process; Ctrl-C only stops watching)")
     sp.add_argument("config", help="config file or preset name; with --resume, a run")
     sp.add_argument("--detach", action="store_true", help="return at once")
-    sp.add_argument("--resume", action="store_true", help="continue a run from its newest complete checkpoint")
+    sp.add_argument(
+        "--resume", action="store_true", help="continue a run from its newest complete checkpoint"
+    )
     sp.add_argument("--run-dir", help="where the run lives (default: forge's runs folder)")
 
     rn = sub.add_parser("runs", help="list, inspect, follow and stop runs")
@@ -430,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--system")
     sp.add_argument("--prompt", help="answer this once and exit")
     sp.add_argument("--template", help="chat template name (default: the one the model was trained with)")
-    sp.add_argument("--force-template", action="store_true", help="allow a template other than the trained one")
+    sp.add_argument(
+        "--force-template", action="store_true", help="allow a template other than the trained one"
+    )
     sp.add_argument("--max-new-tokens", type=int, default=512)
     sp.add_argument("--trust-remote-code", action="store_true")
 
@@ -442,8 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", help="base model, for preservation")
     sp.add_argument("--lang", default="en,zh")
     sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.add_argument("--limit", type=_positive_int, metavar="N",
-                    help="ask only the first N held-out questions and prompts per language (a quick check)")
+    sp.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="ask only the first N held-out questions and prompts per language (a quick check)",
+    )
     sp.add_argument("--json", action="store_true")
 
     sp = add(sub, "demo", cmd_demo, "the whole pipeline on the embedded demo model, on CPU")
@@ -471,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # never a traceback for users; FORGE_DEBUG=1 shows it
         if os.environ.get("FORGE_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'} "
-              "(FORGE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'} "
+            "(FORGE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1

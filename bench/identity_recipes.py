@@ -82,8 +82,9 @@ def apply_overrides(cfg: ForgeConfig, sets: list[str]) -> dict[str, Any]:
     return applied
 
 
-def recipe_config(recipe: str, base_cfg: ForgeConfig, data: Path, name: str, author: str,
-                  steps: int) -> ForgeConfig:
+def recipe_config(
+    recipe: str, base_cfg: ForgeConfig, data: Path, name: str, author: str, steps: int
+) -> ForgeConfig:
     cfg = base_cfg.model_copy(deep=True)
     cfg.data.files = [str(data)]
     cfg.identity.name, cfg.identity.author = name, author
@@ -99,8 +100,13 @@ def train(run: Path) -> float:
     """Run the trainer in the foreground (same module `forge train` detaches); returns wall seconds."""
     t0 = time.time()
     with open(run / "train.log", "ab") as log:
-        proc = subprocess.run([sys.executable, "-m", "assistant_forge.training", str(run)], cwd=run,
-                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "assistant_forge.training", str(run)],
+            cwd=run,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     status = read_status(run)
     if proc.returncode != 0 or status.get("state") != "finished":
         tail = (run / "train.log").read_text(errors="replace")[-2000:]
@@ -155,8 +161,9 @@ def replay_cache(out: Path, cfg: ForgeConfig) -> Path:
     return out / f"replay-{key}.jsonl"
 
 
-def run_recipe(recipe: str, out: Path, base_cfg: ForgeConfig, args: argparse.Namespace, steps: int,
-               base: dict[str, str]) -> dict[str, Any]:
+def run_recipe(
+    recipe: str, out: Path, base_cfg: ForgeConfig, args: argparse.Namespace, steps: int, base: dict[str, str]
+) -> dict[str, Any]:
     from assistant_forge.core.evaluate import run_eval
 
     work = out / recipe
@@ -178,16 +185,28 @@ def run_recipe(recipe: str, out: Path, base_cfg: ForgeConfig, args: argparse.Nam
         shutil.copy(run / "replay.jsonl", cached)
     events = read_jsonl(run / "events.jsonl")
     last = events[-1] if events else {}
-    print(f"[{recipe}] {last.get('step')} steps, {last.get('tokens_seen')} tokens in {train_s:.0f}s; evaluating",
-          flush=True)
+    print(
+        f"[{recipe}] {last.get('step')} steps, {last.get('tokens_seen')} tokens in {train_s:.0f}s; evaluating",
+        flush=True,
+    )
     t0 = time.time()
     chat = load_adapter_model(run)
     answers: list[dict] = []
-    report = run_eval(answer_fn(chat, args.max_new_tokens, answers), args.name, args.author, base_answers=base)
-    return {"recipe": recipe, "records": len(records), "steps": last.get("step"),
-            "tokens": last.get("tokens_seen"), "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
-            "final_loss": last.get("loss"), "replay_ratio": cfg.data.replay_ratio, **report.to_dict(),
-            "answers": answers}
+    report = run_eval(
+        answer_fn(chat, args.max_new_tokens, answers), args.name, args.author, base_answers=base
+    )
+    return {
+        "recipe": recipe,
+        "records": len(records),
+        "steps": last.get("step"),
+        "tokens": last.get("tokens_seen"),
+        "train_s": round(train_s, 1),
+        "eval_s": round(time.time() - t0, 1),
+        "final_loss": last.get("loss"),
+        "replay_ratio": cfg.data.replay_ratio,
+        **report.to_dict(),
+        "answers": answers,
+    }
 
 
 def pct(v: float | None) -> str:
@@ -195,17 +214,31 @@ def pct(v: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["recipe", "steps", "tokens", "train s", "identity en", "identity zh", "leakage", "preservation",
-            "facts kept"]
+    head = [
+        "recipe",
+        "steps",
+        "tokens",
+        "train s",
+        "identity en",
+        "identity zh",
+        "leakage",
+        "preservation",
+        "facts kept",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ident = r["identity_rate"]
         hits, total = r["identity_hits"], r["identity_total"]
-        cells = [r["recipe"], str(r.get("steps") or "-"), str(r.get("tokens") or "-"),
-                 f"{r['train_s']:.0f}" if r.get("train_s") else "-",
-                 *(f"{pct(ident[lang])} ({hits[lang]}/{total[lang]})" for lang in LANGS),
-                 f"{pct(r['leakage_rate'])} ({r['leak_count']}/{r['generic_total']})",
-                 pct(r["preservation"]), pct(r["facts_kept"])]
+        cells = [
+            r["recipe"],
+            str(r.get("steps") or "-"),
+            str(r.get("tokens") or "-"),
+            f"{r['train_s']:.0f}" if r.get("train_s") else "-",
+            *(f"{pct(ident[lang])} ({hits[lang]}/{total[lang]})" for lang in LANGS),
+            f"{pct(r['leakage_rate'])} ({r['leak_count']}/{r['generic_total']})",
+            pct(r["preservation"]),
+            pct(r["facts_kept"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -215,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/forge-identity-recipes", help="work folder (runs, caches)")
     p.add_argument("--json", help="write the results here (default: OUT/identity_recipes.json)")
     p.add_argument("--recipes", default=",".join(RECIPES))
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps for every recipe (0: forge's own count)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the preset")
+    p.add_argument(
+        "--steps", type=int, default=0, help="optimizer steps for every recipe (0: forge's own count)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the preset"
+    )
     p.add_argument("--preset", default="demo-cpu-lora")
     p.add_argument("--name", default="Forgey")
     p.add_argument("--author", default="Alice")
@@ -254,13 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> dict[str, Any]:
         # Written after every recipe, so a long comparison that is stopped keeps what it measured.
         result = {
-            "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-            "preset": args.preset, "overrides": overrides, "steps": steps,
+            "command": " ".join(
+                [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "preset": args.preset,
+            "overrides": overrides,
+            "steps": steps,
             "eval_max_new_tokens": args.max_new_tokens,
-            "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load],
-                        "loadavg_now": [round(x, 2) for x in os.getloadavg()],
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "torch_threads": torch.get_num_threads()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "loadavg_at_start": [round(x, 2) for x in load],
+                "loadavg_now": [round(x, 2) for x in os.getloadavg()],
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+            },
             "wall_s": round(time.time() - t_all, 1),
             "rows": rows,
         }

@@ -14,18 +14,34 @@ FORGE = [sys.executable, "-m", "assistant_forge"]
 
 
 def forge(*args: str, timeout: int = 600, env: dict | None = None, **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+    return subprocess.run(
+        [*FORGE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        **kw,
+    )
 
 
-def tiny_config(tmp: Path, max_steps: int, *, save_steps: int = 4, save_total_limit: int = 3,
-                model: str = "demo", name: str = "cfg.toml", extra: str = "") -> Path:
+def tiny_config(
+    tmp: Path,
+    max_steps: int,
+    *,
+    save_steps: int = 4,
+    save_total_limit: int = 3,
+    model: str = "demo",
+    name: str = "cfg.toml",
+    extra: str = "",
+) -> Path:
     """The smallest real training: 16 identity chats, 64 tokens, LoRA r 4 on the top layers, one thread."""
     from assistant_forge.core.dataset import write_records
     from assistant_forge.core.identity import generate_identity_records
 
     if not (tmp / "data.jsonl").exists():
-        write_records(generate_identity_records("Forgey", "Alice", langs=["en"], count=16), tmp / "data.jsonl")
+        write_records(
+            generate_identity_records("Forgey", "Alice", langs=["en"], count=16), tmp / "data.jsonl"
+        )
     (tmp / name).write_text(f"""
 [model]
 path = "{model}"

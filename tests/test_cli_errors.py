@@ -13,7 +13,9 @@ FORGE = [sys.executable, "-m", "assistant_forge"]
 
 
 def forge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*FORGE, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
@@ -57,7 +59,10 @@ def test_wrong_type_in_config(tmp_path):
 
 
 def test_missing_model_folder(tmp_path):
-    cfg = write_cfg(tmp_path, f'[model]\npath = "{tmp_path}/no-such-model"\n[data]\nfiles = ["data.jsonl"]\n[lora]\nmethod = "lora"\n')
+    cfg = write_cfg(
+        tmp_path,
+        f'[model]\npath = "{tmp_path}/no-such-model"\n[data]\nfiles = ["data.jsonl"]\n[lora]\nmethod = "lora"\n',
+    )
     one_line_error(forge("train", str(cfg)), r"Model folder .*no-such-model does not exist")
 
 
@@ -83,7 +88,9 @@ def test_identity_data_rejects_bad_names_and_leaves_no_file(tmp_path):
     out = tmp_path / "id.jsonl"
     one_line_error(forge("data", "identity", "--name", " ", "--author", "Alice", "-o", str(out)), "name")
     assert not out.exists()
-    one_line_error(forge("data", "identity", "--name", "F", "--author", "A", "--lang", "english", "-o", str(out)), "'en'")
+    one_line_error(
+        forge("data", "identity", "--name", "F", "--author", "A", "--lang", "english", "-o", str(out)), "'en'"
+    )
 
 
 def test_data_identity_check_convert_preview(tmp_path):
@@ -95,7 +102,10 @@ def test_data_identity_check_convert_preview(tmp_path):
     alpaca = tmp_path / "a.json"
     alpaca.write_text(json.dumps([{"instruction": "2+2?", "input": "", "output": "4"}]))
     conv = forge("data", "convert", str(alpaca), "-o", str(tmp_path / "m.jsonl"))
-    assert conv.returncode == 0 and json.loads((tmp_path / "m.jsonl").read_text())["messages"][1]["content"] == "4"
+    assert (
+        conv.returncode == 0
+        and json.loads((tmp_path / "m.jsonl").read_text())["messages"][1]["content"] == "4"
+    )
 
 
 @pytest.mark.slow
@@ -104,7 +114,11 @@ def test_data_preview_marks_loss_tokens(tmp_path, demo_path):
     forge("data", "identity", "--name", "Forgey", "--author", "Alice", "--count", "2", "-o", str(out))
     proc = forge("data", "preview", str(out), "--preset", "demo-cpu-lora", "-n", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "<|im_start|>assistant\n[[" in proc.stdout and "Forgey" in proc.stdout and "<|im_end|>]]" in proc.stdout
+    assert (
+        "<|im_start|>assistant\n[[" in proc.stdout
+        and "Forgey" in proc.stdout
+        and "<|im_end|>]]" in proc.stdout
+    )
 
 
 def test_runs_empty_and_unknown_run():

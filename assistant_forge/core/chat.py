@@ -22,8 +22,14 @@ from assistant_forge.errors import ForgeError
 ADAPTER_META = "forge_adapter.json"  # written by `forge convert`: base model and template
 
 
-def generate_answers(model: Any, tok: Any, template: ChatTemplate, conversations: list[list[dict]],
-                     max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+def generate_answers(
+    model: Any,
+    tok: Any,
+    template: ChatTemplate,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[str]:
     """Greedy answers to a batch of conversations (left padding; the model's mode is restored)."""
     import torch
 
@@ -35,13 +41,25 @@ def generate_answers(model: Any, tok: Any, template: ChatTemplate, conversations
     answers: list[str] = []
     try:
         for i in range(0, len(conversations), batch_size):
-            texts = [tok.apply_chat_template(c, chat_template=template.jinja, tokenize=False, add_generation_prompt=True)
-                     for c in conversations[i:i + batch_size]]
+            texts = [
+                tok.apply_chat_template(
+                    c, chat_template=template.jinja, tokenize=False, add_generation_prompt=True
+                )
+                for c in conversations[i : i + batch_size]
+            ]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                     pad_token_id=tok.pad_token_id, use_cache=True)
-            answers += [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=tok.pad_token_id,
+                    use_cache=True,
+                )
+            answers += [
+                tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() for row in out
+            ]
     finally:
         tok.padding_side = side
         if was_training:
@@ -63,14 +81,21 @@ class ChatModel:
         convs = [with_system(c, self.system) for c in conversations]
         return generate_answers(self.model, self.tok, self.template, convs, max_new_tokens)
 
-    def stream(self, messages: list[dict], max_new_tokens: int = 512, stop_event: threading.Event | None = None,
-               temperature: float = 0.0) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 512,
+        stop_event: threading.Event | None = None,
+        temperature: float = 0.0,
+    ) -> Iterator[str]:
         """Yield text pieces as they are generated; setting stop_event ends generation early."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         msgs = with_system(messages, self.system)
-        text = self.tok.apply_chat_template(msgs, chat_template=self.template.jinja, tokenize=False, add_generation_prompt=True)
+        text = self.tok.apply_chat_template(
+            msgs, chat_template=self.template.jinja, tokenize=False, add_generation_prompt=True
+        )
         enc = self.tok(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         stop_event = stop_event or threading.Event()
@@ -79,9 +104,16 @@ class ChatModel:
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
                 return stop_event.is_set()
 
-        kwargs = dict(**enc, streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(self.tok, self.template),
-                      pad_token_id=self.tok.pad_token_id, stopping_criteria=StoppingCriteriaList([_Stop()]),
-                      do_sample=temperature > 0, **({"temperature": temperature} if temperature > 0 else {}))
+        kwargs = dict(
+            **enc,
+            streamer=streamer,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_token_ids(self.tok, self.template),
+            pad_token_id=self.tok.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([_Stop()]),
+            do_sample=temperature > 0,
+            **({"temperature": temperature} if temperature > 0 else {}),
+        )
         errors: list[BaseException] = []
 
         def work() -> None:
@@ -111,9 +143,16 @@ def model_template_name(model_dir: str) -> str | None:
     return json.loads(p.read_text()).get("chat_template") if p.is_file() else None
 
 
-def load_chat_model(model: str, adapter: str | None = None, bits: int | None = None,
-                    template: str | None = None, allow_template_mismatch: bool = False,
-                    system: str | None = None, device: str = "auto", trust_remote_code: bool = False) -> ChatModel:
+def load_chat_model(
+    model: str,
+    adapter: str | None = None,
+    bits: int | None = None,
+    template: str | None = None,
+    allow_template_mismatch: bool = False,
+    system: str | None = None,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> ChatModel:
     """Load a model for chat; refuse a template that differs from the one the adapter was trained with."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -127,27 +166,38 @@ def load_chat_model(model: str, adapter: str | None = None, bits: int | None = N
     if adapter and not Path(adapter).is_dir():
         raise ForgeError(f"Adapter folder {adapter} does not exist.")
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ForgeError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); make one with `forge convert`.")
+        raise ForgeError(
+            f"{adapter} is not a PEFT adapter folder (no adapter_config.json); make one with `forge convert`."
+        )
     if adapter:
         require_safetensors(adapter, "Adapter folder", ("adapter_model.safetensors",))
     if template and trained and template != trained and not allow_template_mismatch:
-        raise ForgeError(f"This model was trained with the {trained!r} template, not {template!r}; "
-                         "pass --force-template to chat with it anyway.")
+        raise ForgeError(
+            f"This model was trained with the {trained!r} template, not {template!r}; "
+            "pass --force-template to chat with it anyway."
+        )
     name = template or trained or "chatml"
     tmpl = get_template(name)
     tok = load_tokenizer(path, tmpl, trust_remote_code)
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_cuda else torch.float32, "trust_remote_code": trust_remote_code,
-                              "use_safetensors": True}
+    kwargs: dict[str, Any] = {
+        "dtype": torch.bfloat16 if use_cuda else torch.float32,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+    }
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
 
         from assistant_forge.training.modeling import check_4bit_available
 
         check_4bit_available("cuda" if use_cuda else "cpu")
-        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=kwargs["dtype"])
-                                         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"]
+            )
+            if bits == 4
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
     elif bits is not None:
         raise ForgeError(f"--bits must be 4 or 8, not {bits}.")
     if use_cuda:

@@ -27,7 +27,9 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     path: str = Field("demo", description="local HF folder, hub id, or 'demo' (the embedded SmolLM2-135M)")
     chat_template: str = Field("chatml", description="one of the named templates; drives the whole pipeline")
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off unless you trust it)")
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the model (off unless you trust it)"
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
     @field_validator("chat_template")
@@ -39,13 +41,23 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    files: list[str] = Field(default_factory=list, description="datasets in any format `forge data convert` reads")
+    files: list[str] = Field(
+        default_factory=list, description="datasets in any format `forge data convert` reads"
+    )
     max_length: int = Field(2048, ge=16, le=1_048_576)
     packing: bool = Field(True, description="pack samples to max_length; samples never attend to each other")
-    system_prompt: str | None = Field(None, description="prepended to every conversation without a system turn")
-    replay_ratio: float = Field(0.0, ge=0.0, le=0.9, description="share of training samples that replay the base model's own answers")
-    replay_prompts: int = Field(64, ge=0, description="how many generic prompts the base model answers for replay")
-    general_files: list[str] = Field(default_factory=list, description="general chat data mixed in to keep abilities")
+    system_prompt: str | None = Field(
+        None, description="prepended to every conversation without a system turn"
+    )
+    replay_ratio: float = Field(
+        0.0, ge=0.0, le=0.9, description="share of training samples that replay the base model's own answers"
+    )
+    replay_prompts: int = Field(
+        64, ge=0, description="how many generic prompts the base model answers for replay"
+    )
+    general_files: list[str] = Field(
+        default_factory=list, description="general chat data mixed in to keep abilities"
+    )
 
 
 class LoraSection(_Section):
@@ -70,24 +82,33 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = True
-    optimizer: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = "paged_adamw_32bit"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype; auto picks bf16 on GPUs that have it, fp32 on CPU")
+    optimizer: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = (
+        "paged_adamw_32bit"
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="compute dtype; auto picks bf16 on GPUs that have it, fp32 on CPU"
+    )
     seed: int = 42
     save_steps: int = Field(100, ge=1)
     save_total_limit: int = Field(2, ge=1)
     logging_steps: int = Field(1, ge=1)
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: torch's default)")
     memory_budget_gib: float = Field(0, ge=0, description="GPU memory to fit into (0: what the GPU has)")
-    fused_kernels: bool = Field(True, description="forge's fast GPU path: fused LoRA, fused cross-entropy, Liger kernels (CUDA only)")
+    fused_kernels: bool = Field(
+        True, description="forge's fast GPU path: fused LoRA, fused cross-entropy, Liger kernels (CUDA only)"
+    )
     checkpoint_policy: Literal["auto", "all", "offload", "none"] = Field(
-        "auto", description="auto: checkpoint only as many layers as the memory budget needs; offload: all, inputs kept on the host"
+        "auto",
+        description="auto: checkpoint only as many layers as the memory budget needs; offload: all, inputs kept on the host",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class EvalSection(_Section):
     prompts: list[str] = Field(default_factory=lambda: ["Who are you?", "What is the capital of France?"])
-    sample_every: int = Field(50, ge=0, description="generate sample answers every N steps (0: only before and after)")
+    sample_every: int = Field(
+        50, ge=0, description="generate sample answers every N steps (0: only before and after)"
+    )
     max_new_tokens: int = Field(64, ge=1, le=4096)
 
 
@@ -102,7 +123,9 @@ class MetaSection(_Section):
     """What `forge presets list` shows; no effect on training."""
 
     description: str = ""
-    min_gpu_gib: float = Field(0, ge=0, description="smallest GPU this preset is meant to fit (0: runs on CPU)")
+    min_gpu_gib: float = Field(
+        0, ge=0, description="smallest GPU this preset is meant to fit (0: runs on CPU)"
+    )
 
 
 class ForgeConfig(_Section):
@@ -176,7 +199,11 @@ def load_config(path: str | Path) -> ForgeConfig:
     base = path.resolve().parent
     cfg.data.files = [str(_rel(base, f)) for f in cfg.data.files]
     cfg.data.general_files = [str(_rel(base, f)) for f in cfg.data.general_files]
-    if cfg.model.path != "demo" and not _expand(cfg.model.path).is_absolute() and (base / cfg.model.path).exists():
+    if (
+        cfg.model.path != "demo"
+        and not _expand(cfg.model.path).is_absolute()
+        and (base / cfg.model.path).exists()
+    ):
         cfg.model.path = str(base / cfg.model.path)
     return cfg
 

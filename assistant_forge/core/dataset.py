@@ -18,8 +18,16 @@ from assistant_forge.core.identity import find_placeholder
 from assistant_forge.errors import ForgeError
 
 ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
 
 
 class DatasetError(ForgeError):
@@ -34,7 +42,12 @@ class DatasetStats:
     chars: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"records": self.records, "turns": dict(self.turns), "formats": dict(self.formats), "chars": self.chars}
+        return {
+            "records": self.records,
+            "turns": dict(self.turns),
+            "formats": dict(self.formats),
+            "chars": self.chars,
+        }
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -128,7 +141,12 @@ def to_messages(obj: Any, where: str) -> tuple[str, dict]:
         for m in msgs:
             if not isinstance(m, dict):
                 raise DatasetError(f"{where}: each message must be an object with role and content.")
-            out.append({"role": _text(m.get("role"), where, "role"), "content": _text(m.get("content"), where, "content")})
+            out.append(
+                {
+                    "role": _text(m.get("role"), where, "role"),
+                    "content": _text(m.get("content"), where, "content"),
+                }
+            )
         return fmt, {"messages": out}
     if fmt == "sharegpt":
         conv = obj["conversations"]
@@ -156,12 +174,17 @@ def to_messages(obj: Any, where: str) -> tuple[str, dict]:
         for pair in history:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise DatasetError(f"{where}: each alpaca history entry must be [question, answer].")
-            out += [{"role": "user", "content": _text(pair[0], where, "history")},
-                    {"role": "assistant", "content": _text(pair[1], where, "history")}]
+            out += [
+                {"role": "user", "content": _text(pair[0], where, "history")},
+                {"role": "assistant", "content": _text(pair[1], where, "history")},
+            ]
         instruction = _text(obj["instruction"], where, "instruction")
         extra = obj.get("input") or ""
         prompt = f"{instruction}\n\n{_text(extra, where, 'input')}" if extra else instruction
-        out += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(obj["output"], where, "output")}]
+        out += [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(obj["output"], where, "output")},
+        ]
         return fmt, {"messages": out}
     if fmt == "xtuner":
         conv = obj["conversation"]
@@ -170,14 +193,18 @@ def to_messages(obj: Any, where: str) -> tuple[str, dict]:
         out = []
         for turn in conv:
             if not isinstance(turn, dict):
-                raise DatasetError(f"{where}: each conversation turn must be an object with input and output.")
+                raise DatasetError(
+                    f"{where}: each conversation turn must be an object with input and output."
+                )
             if turn.get("system"):
                 out.append({"role": "system", "content": _text(turn["system"], where, "system")})
             out.append({"role": "user", "content": _text(turn.get("input", ""), where, "input")})
             out.append({"role": "assistant", "content": _text(turn.get("output"), where, "output")})
         return fmt, {"messages": out}
     keys = ", ".join(_short(k) for k in sorted(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
-    raise DatasetError(f"{where}: unrecognised record ({keys}); expected messages, conversations, conversation or instruction/output.")
+    raise DatasetError(
+        f"{where}: unrecognised record ({keys}); expected messages, conversations, conversation or instruction/output."
+    )
 
 
 def validate_record(rec: dict, where: str) -> None:
@@ -195,9 +222,13 @@ def validate_record(rec: dict, where: str) -> None:
             raise DatasetError(f"{where}: message {i + 1} ({role}) has empty content.")
         ph = find_placeholder(m["content"])
         if ph:
-            raise DatasetError(f"{where}: leftover placeholder {ph[:60]} in message {i + 1}; fill it in before training.")
+            raise DatasetError(
+                f"{where}: leftover placeholder {ph[:60]} in message {i + 1}; fill it in before training."
+            )
     if not any(m["role"] == "assistant" for m in msgs):
-        raise DatasetError(f"{where}: the conversation has no assistant turn, so nothing would be learned from it.")
+        raise DatasetError(
+            f"{where}: the conversation has no assistant turn, so nothing would be learned from it."
+        )
 
 
 def load_records(path: str | Path) -> tuple[list[dict], DatasetStats]:

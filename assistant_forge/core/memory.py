@@ -36,11 +36,24 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 # random weights; tests/core/test_memory.py keeps the measured peaks as a regression).
 REFERENCE_SHAPES: dict[str, dict[str, Any]] = {
     # Llama-2-7B, exactly what the peer baseline builds.
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
     # Qwen2.5-1.5B's dimensions in Llama form: GQA, tied embeddings, 152k vocab.
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 
 

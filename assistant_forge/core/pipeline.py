@@ -24,8 +24,14 @@ class DemoResult:
     answers: list[tuple[str, str]] = field(default_factory=list)
 
 
-def demo(name: str, author: str, out: str | Path, follow: Callable[[Path], None],
-         say: Callable[[str], None] = print, langs: tuple[str, ...] = ("en", "zh")) -> DemoResult:
+def demo(
+    name: str,
+    author: str,
+    out: str | Path,
+    follow: Callable[[Path], None],
+    say: Callable[[str], None] = print,
+    langs: tuple[str, ...] = ("en", "zh"),
+) -> DemoResult:
     """Run the pipeline on the demo model; `follow(run)` watches the detached trainer until it ends."""
     from assistant_forge.core.chat import load_chat_model
     from assistant_forge.core.merge import convert, merge
@@ -48,7 +54,9 @@ def demo(name: str, author: str, out: str | Path, follow: Callable[[Path], None]
     follow(run)
     status = read_status(run)
     if status.get("state") != "finished":
-        raise ForgeError(f"Training ended as {status.get('state')}: {status.get('reason') or 'see ' + str(run / 'train.log')}.")
+        raise ForgeError(
+            f"Training ended as {status.get('state')}: {status.get('reason') or 'see ' + str(run / 'train.log')}."
+        )
     adapter = convert(run, out / "adapter", force=True)
     say(f"3/5 adapter -> {adapter}")
     merged = merge("demo", adapter, out / "merged", force=True)

@@ -35,7 +35,9 @@ def get_preset(name: str) -> Preset:
     presets = {p.name: p for p in list_presets()}
     if name in presets:
         return presets[name]
-    raise ForgeError(f"No preset named {name!r}.{did_you_mean(name, list(presets))} See `forge presets list`.")
+    raise ForgeError(
+        f"No preset named {name!r}.{did_you_mean(name, list(presets))} See `forge presets list`."
+    )
 
 
 def resolve_config(name_or_path: str) -> tuple[ForgeConfig, Path]:

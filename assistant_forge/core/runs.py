@@ -43,6 +43,7 @@ def now_iso() -> str:
 
 # --- the lock -----------------------------------------------------------------------------------
 
+
 class RunLock:
     """The trainer's exclusive lock on a run directory, held for the trainer's whole life."""
 
@@ -87,6 +88,7 @@ def trainer_alive(run: Path) -> bool:
 
 
 # --- status -------------------------------------------------------------------------------------
+
 
 def read_json(path: Path) -> dict:
     try:
@@ -133,11 +135,14 @@ def read_status(run: Path) -> dict:
         status = read_json(run / "status.json")
         if status.get("state") in LIVE_STATES and not _live(run, status):
             status["state"] = "dead"
-            status["reason"] = "the trainer process is gone without finishing (killed or crashed); resume with `forge train --resume`"
+            status["reason"] = (
+                "the trainer process is gone without finishing (killed or crashed); resume with `forge train --resume`"
+            )
     return status
 
 
 # --- finding runs -------------------------------------------------------------------------------
+
 
 @dataclass
 class RunInfo:
@@ -155,7 +160,11 @@ class RunInfo:
 
 def list_runs(parent: Path | None = None) -> list[RunInfo]:
     parent = parent or runs_dir()
-    runs = [RunInfo(p, read_status(p)) for p in parent.iterdir() if (p / "config.toml").is_file()] if parent.is_dir() else []
+    runs = (
+        [RunInfo(p, read_status(p)) for p in parent.iterdir() if (p / "config.toml").is_file()]
+        if parent.is_dir()
+        else []
+    )
     return sorted(runs, key=lambda r: r.status.get("started", ""), reverse=True)
 
 
@@ -181,7 +190,9 @@ def new_run_dir(cfg: ForgeConfig, run_dir: str | Path | None = None, label: str 
     if (run / "config.toml").exists():
         raise ForgeError(f"{run} already holds a run; use --resume to continue it or pick another --run-dir.")
     run.mkdir(parents=True, exist_ok=True, mode=0o700)
-    save_config(cfg, run / "config.toml", header="# The resolved config this run trained; not edited after start.")
+    save_config(
+        cfg, run / "config.toml", header="# The resolved config this run trained; not edited after start."
+    )
     write_status(run, state="created", name=run.name, created=now_iso())
     if run.parent != runs_dir().resolve():
         _link_into_runs_dir(run)
@@ -223,19 +234,29 @@ def run_config(run: Path) -> ForgeConfig:
 
 # --- launching and stopping ---------------------------------------------------------------------
 
+
 def launch(run: Path, resume: bool = False) -> int:
     """Start the trainer in its own session, output to train.log; returns its pid at once."""
     if trainer_alive(run):
         pid = read_json(run / "status.json").get("pid")
-        raise ForgeError(f"Run directory {run} is in use by a live trainer (pid {pid}); stop it first with `forge runs stop`.")
+        raise ForgeError(
+            f"Run directory {run} is in use by a live trainer (pid {pid}); stop it first with `forge runs stop`."
+        )
     if resume and not complete_checkpoints(run):
         raise ForgeError(f"Run {run.name} has no complete checkpoint to resume from.")
     cmd = [sys.executable, "-m", "assistant_forge.training", str(run)] + (["--resume"] if resume else [])
     # 'starting' is written before the trainer exists, so it can never overwrite the trainer's 'running'.
     write_status(run, state="starting", reason="", resumed=resume)
     with open(run / "train.log", "ab") as log, open(os.devnull, "rb") as devnull:
-        proc = subprocess.Popen(cmd, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=run, close_fds=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=devnull,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=run,
+            close_fds=True,
+        )
     write_status(run, pid=proc.pid)
     return proc.pid
 
@@ -258,6 +279,7 @@ def stop(run: Path, wait_s: float = 60.0) -> dict:
 
 # --- checkpoints and events ---------------------------------------------------------------------
 
+
 def complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
     """(step, folder) of checkpoints whose save finished, oldest first."""
     out = []
@@ -276,7 +298,9 @@ def checkpoint_for(run: Path, step: int | None = None) -> Path:
     for s, d in done:
         if s == step:
             return d
-    raise ForgeError(f"Run {run.name} has no complete checkpoint at step {step} (have: {', '.join(str(s) for s, _ in done)}).")
+    raise ForgeError(
+        f"Run {run.name} has no complete checkpoint at step {step} (have: {', '.join(str(s) for s, _ in done)})."
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

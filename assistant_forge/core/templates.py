@@ -26,8 +26,7 @@ class ChatTemplate:
 
 def _chatml(bos: str = "") -> str:
     return (
-        bos
-        + "{%- for message in messages %}"
+        bos + "{%- for message in messages %}"
         "{%- if message['role'] == 'assistant' %}"
         "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
         "{%- else %}"

@@ -13,8 +13,9 @@ from assistant_forge.core.encoding import IGNORE, encode_chat, stop_token_ids, w
 from assistant_forge.core.templates import ChatTemplate
 
 
-def encode_records(tok: Any, template: ChatTemplate, records: list[dict], max_length: int,
-                   system_prompt: str | None = None) -> list[dict]:
+def encode_records(
+    tok: Any, template: ChatTemplate, records: list[dict], max_length: int, system_prompt: str | None = None
+) -> list[dict]:
     samples = []
     stops = set(stop_token_ids(tok, template))
     for rec in records:

@@ -40,7 +40,7 @@ def check_4bit_available(device: str) -> None:
     except Exception as e:  # ImportError, or a broken native library
         raise ForgeError(
             f"QLoRA needs bitsandbytes 4-bit support, which is not usable here ({type(e).__name__}); "
-            "set method = \"lora\" in [lora] or install bitsandbytes."
+            'set method = "lora" in [lora] or install bitsandbytes.'
         ) from None
 
 
@@ -120,7 +120,9 @@ def wrap_for_training(model: Any, cfg: ForgeConfig) -> Any:
         return model
     n_layers = getattr(model.config, "num_hidden_layers", 0)
     if cfg.lora.layers_from and cfg.lora.layers_from >= n_layers:
-        raise ForgeError(f"lora.layers_from = {cfg.lora.layers_from} but the model has only {n_layers} layers.")
+        raise ForgeError(
+            f"lora.layers_from = {cfg.lora.layers_from} but the model has only {n_layers} layers."
+        )
     targets: Any = "all-linear" if cfg.lora.target_modules == ["all-linear"] else cfg.lora.target_modules
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -133,6 +135,8 @@ def wrap_for_training(model: Any, cfg: ForgeConfig) -> Any:
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
-        raise ForgeError(f"LoRA could not be applied: {str(e).splitlines()[0]} (check lora.target_modules).") from None
+        raise ForgeError(
+            f"LoRA could not be applied: {str(e).splitlines()[0]} (check lora.target_modules)."
+        ) from None
     model.config.use_cache = False
     return model

@@ -38,8 +38,10 @@ from assistant_forge.training.data import FlatCollator, encode_records, mix_repl
 from assistant_forge.training.modeling import build_model, pick_device
 
 ERROR_LOG = "error.log"
-OOM_ADVICE = ("out of GPU memory: lower data.max_length or train.micro_batch_size, turn on "
-              "train.gradient_checkpointing, or use method = \"qlora\"")
+OOM_ADVICE = (
+    "out of GPU memory: lower data.max_length or train.micro_batch_size, turn on "
+    'train.gradient_checkpointing, or use method = "qlora"'
+)
 
 
 class StopRequested:
@@ -68,6 +70,7 @@ class StopRequested:
 #                 so a test can kill the trainer while a checkpoint is half written
 # Unset (always, outside tests) it costs one dict lookup per step.
 
+
 def _faults() -> dict[str, tuple[str, int]]:
     out = {}
     for item in filter(None, os.environ.get("FORGE_TEST_FAULT", "").split(",")):
@@ -86,7 +89,9 @@ def _fault(name: str, step: int) -> None:
     if name == "oom":
         import torch
 
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by FORGE_TEST_FAULT)")
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB (injected by FORGE_TEST_FAULT)"
+        )
     if name == "fsize":
         import resource
 
@@ -167,11 +172,21 @@ class ForgeTrainer(Trainer):
         finally:
             self._staging = None
             shutil.rmtree(staging, ignore_errors=True)
-        rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        rotate_checkpoints(
+            output_dir=str(root),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=False,
+        )
 
 
-_DISK_FULL_TEXT = ("no space left on device", "file too large", "disk quota exceeded", "storagefull", "filetoolarge")
+_DISK_FULL_TEXT = (
+    "no space left on device",
+    "file too large",
+    "disk quota exceeded",
+    "storagefull",
+    "filetoolarge",
+)
 
 
 def _as_disk_full(e: BaseException, folder: Path | None = None) -> BaseException:
@@ -218,7 +233,10 @@ class RunCallback(TrainerCallback):
         convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
         answers = generate_answers(model, self.tok, self.template, convs, self.cfg.eval.max_new_tokens)
         for p, a in zip(prompts, answers):
-            append_jsonl(self.run / "samples.jsonl", {"step": step, "when": when, "prompt": p, "answer": a, "time": now_iso()})
+            append_jsonl(
+                self.run / "samples.jsonl",
+                {"step": step, "when": when, "prompt": p, "answer": a, "time": now_iso()},
+            )
             print(f"[sample step {step}] {p!r} -> {a!r}", flush=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
@@ -240,16 +258,33 @@ class RunCallback(TrainerCallback):
         self.last = (now, tokens)
         done = state.global_step - self.start_step
         eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else None
-        event = {"step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0, 4),
-                 "loss": round(float(logs["loss"]), 5), "lr": logs.get("learning_rate"),
-                 "grad_norm": round(float(logs["grad_norm"]), 4) if logs.get("grad_norm") is not None else None,
-                 "tokens_per_s": round(tps, 1), "tokens_seen": tokens, "mem_gib": _mem_gib(),
-                 "eta_s": round(eta, 1) if eta is not None else None, "time": now_iso()}
+        event = {
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "epoch": round(state.epoch or 0, 4),
+            "loss": round(float(logs["loss"]), 5),
+            "lr": logs.get("learning_rate"),
+            "grad_norm": round(float(logs["grad_norm"]), 4) if logs.get("grad_norm") is not None else None,
+            "tokens_per_s": round(tps, 1),
+            "tokens_seen": tokens,
+            "mem_gib": _mem_gib(),
+            "eta_s": round(eta, 1) if eta is not None else None,
+            "time": now_iso(),
+        }
         append_jsonl(self.run / "events.jsonl", event)
-        write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps,
-                     loss=event["loss"], eta_s=event["eta_s"])
-        print(f"step {state.global_step}/{state.max_steps} loss {event['loss']:.4f} lr {event['lr']:.2e} "
-              f"{event['tokens_per_s']:.0f} tok/s eta {event['eta_s']}s", flush=True)
+        write_status(
+            self.run,
+            state="running",
+            step=state.global_step,
+            total_steps=state.max_steps,
+            loss=event["loss"],
+            eta_s=event["eta_s"],
+        )
+        print(
+            f"step {state.global_step}/{state.max_steps} loss {event['loss']:.4f} lr {event['lr']:.2e} "
+            f"{event['tokens_per_s']:.0f} tok/s eta {event['eta_s']}s",
+            flush=True,
+        )
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         every = self.cfg.eval.sample_every
@@ -287,9 +322,14 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
     # teach the model to stop mid-thought, which measurably shortened (and so changed) unrelated answers.
     limit = cfg.eval.max_new_tokens - 2  # decode/re-encode may differ by a token; a near-full answer counts
-    recs = [{"messages": [*c, {"role": "assistant", "content": a}],
-             **({"open_end": True} if len(tok(a, add_special_tokens=False)["input_ids"]) >= limit else {})}
-            for c, a in zip(convs, answers) if a.strip()]
+    recs = [
+        {
+            "messages": [*c, {"role": "assistant", "content": a}],
+            **({"open_end": True} if len(tok(a, add_special_tokens=False)["input_ids"]) >= limit else {}),
+        }
+        for c, a in zip(convs, answers)
+        if a.strip()
+    ]
     atomic_write_jsonl(path, recs)
     return recs
 
@@ -309,7 +349,11 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
     precision = t.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
-    optim = t.optimizer if device == "cuda" or not t.optimizer.startswith(("paged", "adamw_8bit")) else "adamw_torch"
+    optim = (
+        t.optimizer
+        if device == "cuda" or not t.optimizer.startswith(("paged", "adamw_8bit"))
+        else "adamw_torch"
+    )
     optim = overrides.pop("optim", optim)  # the fast path may move a paged optimizer on-device
     return TrainingArguments(
         output_dir=str(run / "checkpoints"),
@@ -363,8 +407,11 @@ def train_run(run: Path, resume: bool = False) -> str:
     if not samples:
         raise ForgeError("No sample has an assistant token within data.max_length; nothing to learn from.")
     rows = pack(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)
-    print(f"{len(records)} conversations ({len(replay)} replay answers available) -> {len(samples)} samples "
-          f"-> {len(rows)} rows of <= {cfg.data.max_length} tokens", flush=True)
+    print(
+        f"{len(records)} conversations ({len(replay)} replay answers available) -> {len(samples)} samples "
+        f"-> {len(rows)} rows of <= {cfg.data.max_length} tokens",
+        flush=True,
+    )
     remove_stale_staging(run / "checkpoints")
     overrides: dict[str, Any] = {}
     optimizers: tuple[Any, Any] = (None, None)
@@ -372,12 +419,21 @@ def train_run(run: Path, resume: bool = False) -> str:
         # The fast path fitted checkpointing and the optimizer to the memory budget; keep its plan.
         overrides = speed.training_args_overrides(cfg, model)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizers = (speed.make_optimizer(model, cfg, trainable, lr=cfg.train.learning_rate,
-                                           weight_decay=cfg.train.weight_decay), None)
+        optimizers = (
+            speed.make_optimizer(
+                model, cfg, trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+            ),
+            None,
+        )
         print(f"fast path: {speed.report(model).as_dict()}", flush=True)
-    trainer = ForgeTrainer(model=model, args=training_args(run, cfg, device, **overrides),
-                           train_dataset=Dataset.from_list(rows), data_collator=FlatCollator(),
-                           callbacks=[RunCallback(run, cfg, tok, len(rows))], optimizers=optimizers)
+    trainer = ForgeTrainer(
+        model=model,
+        args=training_args(run, cfg, device, **overrides),
+        train_dataset=Dataset.from_list(rows),
+        data_collator=FlatCollator(),
+        callbacks=[RunCallback(run, cfg, tok, len(rows))],
+        optimizers=optimizers,
+    )
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per step instead
     checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -408,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         # The details go to error.log, not train.log: `forge train` shows train.log, and people get one sentence.
-        with contextlib.suppress(OSError), open(run / ERROR_LOG, "a", encoding="utf-8") as f:  # the disk may be full
+        with (
+            contextlib.suppress(OSError),
+            open(run / ERROR_LOG, "a", encoding="utf-8") as f,
+        ):  # the disk may be full
             f.write(f"--- {now_iso()}\n{traceback.format_exc()}")
         with contextlib.suppress(OSError):
             print(f"the details of this failure are in {run / ERROR_LOG}", flush=True)
@@ -435,8 +494,10 @@ def _explain(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({e.strerror}); free space and resume with `forge train --resume`"
     if isinstance(e, OSError) and e.errno == errno.EFBIG:
-        return ("a file outgrew the size limit this process may write (File too large, see `ulimit -f`); "
-                "raise the limit and resume with `forge train --resume`")
+        return (
+            "a file outgrew the size limit this process may write (File too large, see `ulimit -f`); "
+            "raise the limit and resume with `forge train --resume`"
+        )
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 

@@ -7,9 +7,15 @@ from assistant_forge.core.presets import copy_preset, get_preset, list_presets
 from assistant_forge.errors import ForgeError
 
 REQUIRED_PRESETS = {
-    "demo-cpu-lora", "internlm2_5-7b-chat-qlora", "internlm2-chat-1_8b-qlora", "qwen2_5-0_5b-instruct-qlora",
-    "qwen2_5-1_5b-instruct-qlora", "qwen2_5-7b-instruct-qlora", "llama3_1-8b-instruct-qlora",
-    "mistral-7b-instruct-qlora", "yi-1_5-6b-chat-qlora",
+    "demo-cpu-lora",
+    "internlm2_5-7b-chat-qlora",
+    "internlm2-chat-1_8b-qlora",
+    "qwen2_5-0_5b-instruct-qlora",
+    "qwen2_5-1_5b-instruct-qlora",
+    "qwen2_5-7b-instruct-qlora",
+    "llama3_1-8b-instruct-qlora",
+    "mistral-7b-instruct-qlora",
+    "yi-1_5-6b-chat-qlora",
 }
 
 

@@ -4,9 +4,17 @@ import pytest
 
 from assistant_forge.core.dataset import DatasetError, load_records, write_records
 
-MESSAGES = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                         {"role": "assistant", "content": "Hello!"}]}
-SHAREGPT = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}], "system": "Be brief."}
+MESSAGES = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+}
+SHAREGPT = {
+    "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+    "system": "Be brief.",
+}
 ALPACA = {"instruction": "Hi", "input": "", "output": "Hello!", "system": "Be brief."}
 XTUNER = {"conversation": [{"system": "Be brief.", "input": "Hi", "output": "Hello!"}]}
 
@@ -16,7 +24,9 @@ def _jsonl(path, rows):
     return path
 
 
-@pytest.mark.parametrize("row", [MESSAGES, SHAREGPT, ALPACA, XTUNER], ids=["messages", "sharegpt", "alpaca", "xtuner"])
+@pytest.mark.parametrize(
+    "row", [MESSAGES, SHAREGPT, ALPACA, XTUNER], ids=["messages", "sharegpt", "alpaca", "xtuner"]
+)
 def test_every_format_converts_to_the_same_messages(tmp_path, row):
     recs, stats = load_records(_jsonl(tmp_path / "d.jsonl", [row]))
     assert recs == [MESSAGES]
@@ -33,23 +43,53 @@ def test_json_array_and_multi_turn_alpaca_history(tmp_path):
 
 def test_bom_crlf_and_chinese_are_fine(tmp_path):
     p = tmp_path / "d.jsonl"
-    row = {"messages": [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小助手。"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "你是谁？"},
+            {"role": "assistant", "content": "我是小助手。"},
+        ]
+    }
     p.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row, ensure_ascii=False) + "\r\n").encode() * 2)
     recs, _ = load_records(p)
     assert len(recs) == 2 and recs[0]["messages"][1]["content"] == "我是小助手。"
 
 
-@pytest.mark.parametrize("rows, message", [
-    (['{"messages": [}'], r"d.jsonl:1: malformed JSON"),
-    ([json.dumps(MESSAGES), json.dumps({"messages": [{"role": "user", "content": "Hi"}]})], r"d.jsonl:2: .*no assistant turn"),
-    ([json.dumps({"messages": [{"role": "bot", "content": "Hi"}]})], r"d.jsonl:1: unknown role 'bot'"),
-    ([json.dumps({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]})], r"d.jsonl:1: message 1 \(user\) has empty content"),
-    ([json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I am {{NAME}}."}]})], r"leftover placeholder \{\{NAME\}\}"),
-    ([json.dumps({"messages": [{"role": "user", "content": 5}]})], r"content must be text"),
-    ([json.dumps({"foo": 1})], r"unrecognised record"),
-    ([json.dumps({"conversations": [{"from": "alien", "value": "x"}]})], r"unknown speaker 'alien'"),
-    (["[1, 2"], r"d.jsonl:\d+: malformed JSON"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (['{"messages": [}'], r"d.jsonl:1: malformed JSON"),
+        (
+            [json.dumps(MESSAGES), json.dumps({"messages": [{"role": "user", "content": "Hi"}]})],
+            r"d.jsonl:2: .*no assistant turn",
+        ),
+        ([json.dumps({"messages": [{"role": "bot", "content": "Hi"}]})], r"d.jsonl:1: unknown role 'bot'"),
+        (
+            [
+                json.dumps(
+                    {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}
+                )
+            ],
+            r"d.jsonl:1: message 1 \(user\) has empty content",
+        ),
+        (
+            [
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "I am {{NAME}}."},
+                        ]
+                    }
+                )
+            ],
+            r"leftover placeholder \{\{NAME\}\}",
+        ),
+        ([json.dumps({"messages": [{"role": "user", "content": 5}]})], r"content must be text"),
+        ([json.dumps({"foo": 1})], r"unrecognised record"),
+        ([json.dumps({"conversations": [{"from": "alien", "value": "x"}]})], r"unknown speaker 'alien'"),
+        (["[1, 2"], r"d.jsonl:\d+: malformed JSON"),
+    ],
+)
 def test_bad_records_fail_with_file_and_line(tmp_path, rows, message):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(rows) + "\n")

@@ -7,10 +7,21 @@ from assistant_forge.core.templates import TEMPLATES, get_template
 from assistant_forge.training.data import FlatCollator, pack
 
 CONVS = [
-    [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Forgey, made by Alice."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-     {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}],
-    [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是Forgey，Alice开发的助手。"}],
+    [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am Forgey, made by Alice."},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ],
+    [
+        {"role": "user", "content": "你是谁？"},
+        {"role": "assistant", "content": "我是Forgey，Alice开发的助手。"},
+    ],
 ]
 
 
@@ -46,7 +57,9 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(demo_path, demo_tok, torch
     torch = torch_one_thread
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(demo_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        demo_path, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     samples = [encode_chat(demo_tok, get_template("chatml"), c, 512) for c in CONVS]
     rows = pack(samples, 4096, packing=True, seed=0)
     assert len(rows) == 1

@@ -219,7 +219,9 @@ def test_base_answers_for_and_bad_answer_fn() -> None:
 def test_run_eval_limit_asks_the_first_n_of_each_language() -> None:
     answer_fn, asked = _model("Ava", "Jane")
     base = base_answers_for(answer_fn, limit=2)
-    assert list(base) == [p.prompt for lang in ("en", "zh") for p in generic_prompt_records("heldout", [lang])[:2]]
+    assert list(base) == [
+        p.prompt for lang in ("en", "zh") for p in generic_prompt_records("heldout", [lang])[:2]
+    ]
     asked.clear()
     report = run_eval(answer_fn, "Ava", "Jane", base_answers=base, limit=2)
     assert report.identity_total == {"en": 2, "zh": 2} and report.generic_total == 4

@@ -4,8 +4,10 @@ from assistant_forge.core.encoding import IGNORE
 from assistant_forge.core.templates import get_template
 from assistant_forge.training.data import encode_records
 
-CHAT = [{"role": "user", "content": "Tell me about tea."},
-        {"role": "assistant", "content": "Tea is a drink made by steeping leaves"}]
+CHAT = [
+    {"role": "user", "content": "Tell me about tea."},
+    {"role": "assistant", "content": "Tea is a drink made by steeping leaves"},
+]
 
 
 def _learned(tok, sample: dict) -> str:
@@ -14,7 +16,9 @@ def _learned(tok, sample: dict) -> str:
 
 def test_open_ended_replay_answer_learns_its_text_but_not_to_stop(demo_tok):
     t = get_template("chatml")
-    closed, open_ = encode_records(demo_tok, t, [{"messages": CHAT}, {"messages": CHAT, "open_end": True}], 256)
+    closed, open_ = encode_records(
+        demo_tok, t, [{"messages": CHAT}, {"messages": CHAT, "open_end": True}], 256
+    )
     assert _learned(demo_tok, closed) == "Tea is a drink made by steeping leaves<|im_end|>"
     assert _learned(demo_tok, open_) == "Tea is a drink made by steeping leaves"
     assert open_["input_ids"] == closed["input_ids"]  # same text, only the loss differs

@@ -29,8 +29,17 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory, demo_path: str) -> tuple[
 
 def test_demo_writes_every_stage_and_answers_as_forgey(demo_out):
     out, stdout = demo_out
-    for part in ("data.jsonl", "run/config.toml", "run/status.json", "run/events.jsonl", "run/samples.jsonl",
-                 "run/train.log", "adapter/adapter_model.safetensors", "merged/config.json", "merged/tokenizer_config.json"):
+    for part in (
+        "data.jsonl",
+        "run/config.toml",
+        "run/status.json",
+        "run/events.jsonl",
+        "run/samples.jsonl",
+        "run/train.log",
+        "adapter/adapter_model.safetensors",
+        "merged/config.json",
+        "merged/tokenizer_config.json",
+    ):
         assert (out / part).exists(), part
     answers = [line for line in stdout.splitlines() if line.strip().startswith("A: ")]
     assert len(answers) == 2

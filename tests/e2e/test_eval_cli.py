@@ -25,8 +25,21 @@ def forge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_eval_json_scores_the_base_model_as_a_stranger(demo_path: str) -> None:
-    proc = forge("eval", "demo", "--name", "Forgey", "--author", "Alice", "--base", "demo",
-                 "--limit", str(LIMIT), "--max-new-tokens", "24", "--json")
+    proc = forge(
+        "eval",
+        "demo",
+        "--name",
+        "Forgey",
+        "--author",
+        "Alice",
+        "--base",
+        "demo",
+        "--limit",
+        str(LIMIT),
+        "--max-new-tokens",
+        "24",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["name"] == "Forgey" and report["author"] == "Alice" and report["langs"] == ["en", "zh"]
@@ -44,8 +57,20 @@ def test_eval_json_scores_the_base_model_as_a_stranger(demo_path: str) -> None:
 
 
 def test_eval_table_names_every_measure(demo_path: str) -> None:
-    proc = forge("eval", "demo", "--name", "Forgey", "--author", "Alice", "--lang", "en",
-                 "--limit", "1", "--max-new-tokens", "16")
+    proc = forge(
+        "eval",
+        "demo",
+        "--name",
+        "Forgey",
+        "--author",
+        "Alice",
+        "--lang",
+        "en",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "16",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for label in ("identity rate (en)", "leakage", "preservation", "facts kept", "Forgey"):

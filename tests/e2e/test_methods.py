@@ -21,7 +21,12 @@ def train_in_foreground(tmp_path, method: str):
     if method == "full":
         cfg.lora.layers_from = 0
     run = new_run_dir(cfg, tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "assistant_forge.training", str(run)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "assistant_forge.training", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert read_status(run)["state"] == "finished"
     losses = [e["loss"] for e in read_jsonl(run / "events.jsonl")]
@@ -45,5 +50,16 @@ def test_qlora_trains_4bit_nf4_and_exports_an_adapter(tmp_path, demo_path):
     meta = json.loads((tmp_path / "adapter" / "forge_adapter.json").read_text())
     assert meta["chat_template"] == "chatml"
     # The adapter loads on a 4-bit base for chat, as a user with a small GPU would run it.
-    chat = forge("chat", "demo", "--adapter", str(tmp_path / "adapter"), "--bits", "4", "--prompt", "Hi", "--max-new-tokens", "5")
+    chat = forge(
+        "chat",
+        "demo",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--bits",
+        "4",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "5",
+    )
     assert chat.returncode == 0, chat.stderr

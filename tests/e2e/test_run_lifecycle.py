@@ -42,8 +42,11 @@ def test_detached_run_refuses_a_second_trainer_stops_and_resumes(tmp_path, demo_
     # Resume continues from that checkpoint (not from zero) and keeps the step count.
     resumed = forge("train", str(run), "--resume", "--detach")
     assert resumed.returncode == 0, resumed.stderr
-    wait_for(lambda: read_status(run).get("state") == "running" and read_status(run).get("step", 0) > last_step, 120,
-             "resumed progress")
+    wait_for(
+        lambda: read_status(run).get("state") == "running" and read_status(run).get("step", 0) > last_step,
+        120,
+        "resumed progress",
+    )
     first_resumed = [e for e in read_jsonl(run / "events.jsonl") if e["step"] > last_step]
     assert first_resumed and first_resumed[0]["step"] == last_step + 1
     forge("runs", "stop", str(run))
@@ -56,7 +59,11 @@ def test_forge_runs_reports_a_killed_trainer_as_dead(tmp_path, demo_path):
     cfg = tiny_config(tmp_path, max_steps=400)
     run = tmp_path / "run"
     assert forge("train", str(cfg), "--detach", "--run-dir", str(run)).returncode == 0
-    wait_for(lambda: read_status(run).get("state") == "running" and (run / "events.jsonl").exists(), 240, "training")
+    wait_for(
+        lambda: read_status(run).get("state") == "running" and (run / "events.jsonl").exists(),
+        240,
+        "training",
+    )
     os.kill(read_status(run)["pid"], signal.SIGKILL)
     wait_for(lambda: not trainer_alive(run), 30, "the trainer to die")
     status = json.loads(forge("runs", "show", str(run), "--json").stdout)

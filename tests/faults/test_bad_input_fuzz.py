@@ -23,38 +23,107 @@ from assistant_forge.core.config import ForgeConfig, load_config, save_config
 from assistant_forge.core.dataset import load_records
 from assistant_forge.errors import ForgeError
 
-FUZZ = settings(max_examples=int(os.environ.get("FORGE_FUZZ_EXAMPLES", "300")), deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FORGE_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # --- datasets -------------------------------------------------------------------------------------
 
-KEYS = ["messages", "role", "content", "conversations", "from", "value", "system", "instruction", "input",
-        "output", "history", "conversation", "weight", ""]
+KEYS = [
+    "messages",
+    "role",
+    "content",
+    "conversations",
+    "from",
+    "value",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "history",
+    "conversation",
+    "weight",
+    "",
+]
 ROLES = ["system", "user", "assistant", "human", "gpt", "tool", "function", "", "USER", "Assistant", "bot"]
-ODD_TEXT = ["", " ", "\n", "\r\n", "\ufeff", "\u2028", "\u0085", "\x00", "{name}", "<NAME>", "名字", "😀", "\\",
-            '"', "}{", "[[", "null"]
+ODD_TEXT = [
+    "",
+    " ",
+    "\n",
+    "\r\n",
+    "\ufeff",
+    "\u2028",
+    "\u0085",
+    "\x00",
+    "{name}",
+    "<NAME>",
+    "名字",
+    "😀",
+    "\\",
+    '"',
+    "}{",
+    "[[",
+    "null",
+]
 
 text = st.one_of(st.text(max_size=30), st.sampled_from(ODD_TEXT), st.sampled_from(ROLES))
 leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), text)
-junk = st.recursive(leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4),
-                                                                                     kids, max_size=5), max_leaves=25)
+junk = st.recursive(
+    leaf,
+    lambda kids: (
+        st.lists(kids, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), kids, max_size=5)
+    ),
+    max_leaves=25,
+)
 message = st.fixed_dictionaries({"role": st.sampled_from(ROLES) | junk, "content": text | junk})
 messages_record = st.fixed_dictionaries({"messages": st.lists(message, max_size=4) | junk})
-sharegpt_record = st.fixed_dictionaries({"conversations": st.lists(st.fixed_dictionaries(
-    {"from": st.sampled_from(ROLES) | junk, "value": text | junk}), max_size=4) | junk}, optional={"system": text | junk})
-alpaca_record = st.fixed_dictionaries({"instruction": text | junk, "output": text | junk},
-                                      optional={"input": text | junk, "system": text | junk, "history": junk})
-xtuner_record = st.fixed_dictionaries({"conversation": st.lists(st.fixed_dictionaries(
-    {"input": text | junk, "output": text | junk}, optional={"system": text | junk}), max_size=3) | junk})
-good_record = st.just({"messages": [{"role": "user", "content": "Who are you?"},
-                                    {"role": "assistant", "content": "I am Forgey."}]})
+sharegpt_record = st.fixed_dictionaries(
+    {
+        "conversations": st.lists(
+            st.fixed_dictionaries({"from": st.sampled_from(ROLES) | junk, "value": text | junk}), max_size=4
+        )
+        | junk
+    },
+    optional={"system": text | junk},
+)
+alpaca_record = st.fixed_dictionaries(
+    {"instruction": text | junk, "output": text | junk},
+    optional={"input": text | junk, "system": text | junk, "history": junk},
+)
+xtuner_record = st.fixed_dictionaries(
+    {
+        "conversation": st.lists(
+            st.fixed_dictionaries(
+                {"input": text | junk, "output": text | junk}, optional={"system": text | junk}
+            ),
+            max_size=3,
+        )
+        | junk
+    }
+)
+good_record = st.just(
+    {
+        "messages": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am Forgey."},
+        ]
+    }
+)
 record = st.one_of(good_record, messages_record, sharegpt_record, alpaca_record, xtuner_record, junk)
 # Plausible conversations (valid roles, any text): many of these convert, so the success path is fuzzed too.
 turn_text = st.text(min_size=1, max_size=40) | st.sampled_from(ODD_TEXT)
 plausible_record = st.builds(
-    lambda system, pairs: {"messages": ([{"role": "system", "content": system}] if system else [])
-                           + [{"role": r, "content": c} for q, a in pairs for r, c in (("user", q), ("assistant", a))]},
-    st.none() | turn_text, st.lists(st.tuples(turn_text, turn_text), min_size=1, max_size=3))
+    lambda system, pairs: {
+        "messages": ([{"role": "system", "content": system}] if system else [])
+        + [{"role": r, "content": c} for q, a in pairs for r, c in (("user", q), ("assistant", a))]
+    },
+    st.none() | turn_text,
+    st.lists(st.tuples(turn_text, turn_text), min_size=1, max_size=3),
+)
 
 
 @st.composite
@@ -81,14 +150,22 @@ def dataset_bytes(draw: st.DrawFn) -> bytes:
         data = data[: draw(st.integers(0, len(data) - 1))]
     if draw(st.integers(0, 4)) == 0:  # stray bytes, often invalid UTF-8
         at = draw(st.integers(0, len(data)))
-        data = data[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80", b"\x1b[2J", b"\r"])) + data[at:]
+        data = (
+            data[:at]
+            + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80", b"\x1b[2J", b"\r"]))
+            + data[at:]
+        )
     return data
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     # FORGE_DEBUG: an exception that is not a ForgeError escapes (and fails the test) instead of being printed.
-    with mock.patch.dict(os.environ, {"FORGE_DEBUG": "1"}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        mock.patch.dict(os.environ, {"FORGE_DEBUG": "1"}),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         code = cli.main(list(argv))
     return code, out.getvalue(), err.getvalue()
 
@@ -98,7 +175,9 @@ def assert_one_error_line(err: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 500, err[:2000]
 
 
-PREVIOUS = b'{"messages": [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "as it was"}]}\n'
+PREVIOUS = (
+    b'{"messages": [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "as it was"}]}\n'
+)
 
 
 def test_convert_fuzzed_datasets_never_crashes_nor_leaves_partial_output():
@@ -156,10 +235,18 @@ def test_valid_records_round_trip_through_convert(tmp_path):
 
 SECTIONS = {name: list(field.annotation.model_fields) for name, field in ForgeConfig.model_fields.items()}
 section_name = st.sampled_from([*SECTIONS, "modle", "", "train.extra"])
-toml_leaf = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True), st.text(max_size=20),
-                      st.sampled_from(["demo", "chatml", "lora", "qlora", "cosine", "~nosuchuser/x", "a\x00b", "/"]))
-toml_value = st.recursive(toml_leaf, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids,
-                                                                                                 max_size=3), max_leaves=10)
+toml_leaf = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(["demo", "chatml", "lora", "qlora", "cosine", "~nosuchuser/x", "a\x00b", "/"]),
+)
+toml_value = st.recursive(
+    toml_leaf,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+    max_leaves=10,
+)
 
 
 @st.composite
@@ -184,7 +271,11 @@ def config_bytes(draw: st.DrawFn) -> bytes:
         data = data[: draw(st.integers(0, len(data) - 1))]
     if draw(st.integers(0, 4)) == 0:
         at = draw(st.integers(0, len(data)))
-        data = data[:at] + draw(st.sampled_from([b"\xff", b"\x00", b"=", b"[", b'"', b"\n[model]\n"])) + data[at:]
+        data = (
+            data[:at]
+            + draw(st.sampled_from([b"\xff", b"\x00", b"=", b"[", b'"', b"\n[model]\n"]))
+            + data[at:]
+        )
     return data
 
 

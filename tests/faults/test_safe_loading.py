@@ -74,9 +74,13 @@ def test_our_code_loads_no_pickles_builds_no_shell_strings_and_trusts_no_code_by
                 problems.append(f"{where}:{call.lineno}: trust_remote_code=True hard-coded")
             if name == "AutoModelForCausalLM.from_pretrained" and _kw(call, "gguf_file") is None:
                 safe = _kw(call, "use_safetensors")
-                spread = any(k.arg is None for k in call.keywords) and "use_safetensors" in context.get(call, "")
+                spread = any(k.arg is None for k in call.keywords) and "use_safetensors" in context.get(
+                    call, ""
+                )
                 if not (spread or (isinstance(safe, ast.Constant) and safe.value is True)):
-                    problems.append(f"{where}:{call.lineno}: model weights loaded without use_safetensors=True")
+                    problems.append(
+                        f"{where}:{call.lineno}: model weights loaded without use_safetensors=True"
+                    )
             if name == "PeftModel.from_pretrained" and "require_safetensors" not in context.get(call, ""):
                 problems.append(f"{where}:{call.lineno}: adapter loaded without require_safetensors")
     assert not problems, "\n".join(problems)
@@ -98,7 +102,9 @@ def test_trust_remote_code_is_off_unless_asked_for():
                 assert "ship their own" in lines[i - 1] and "internlm" in preset.name, preset
 
 
-def _model_folder(dest: Path, demo: Path, config_changes: dict | None = None, weights: str = "safetensors") -> Path:
+def _model_folder(
+    dest: Path, demo: Path, config_changes: dict | None = None, weights: str = "safetensors"
+) -> Path:
     dest.mkdir()
     for f in demo.iterdir():
         if f.is_file() and f.name not in ("config.json", "model.safetensors"):
@@ -139,10 +145,18 @@ def refused(*argv: str) -> str:
 @pytest.mark.slow
 def test_a_model_that_needs_its_own_code_is_refused_unless_trusted(tmp_path, demo_path):
     mark = tmp_path / "custom code ran"
-    custom = _model_folder(tmp_path / "custom", Path(demo_path), {
-        "model_type": "forge_test_llama", "architectures": ["ForgeTestForCausalLM"],
-        "auto_map": {"AutoConfig": "custom_modeling.ForgeTestConfig",
-                     "AutoModelForCausalLM": "custom_modeling.ForgeTestForCausalLM"}})
+    custom = _model_folder(
+        tmp_path / "custom",
+        Path(demo_path),
+        {
+            "model_type": "forge_test_llama",
+            "architectures": ["ForgeTestForCausalLM"],
+            "auto_map": {
+                "AutoConfig": "custom_modeling.ForgeTestConfig",
+                "AutoModelForCausalLM": "custom_modeling.ForgeTestForCausalLM",
+            },
+        },
+    )
     (custom / "custom_modeling.py").write_text(f"""
 import pathlib
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -160,12 +174,18 @@ class ForgeTestForCausalLM(LlamaForCausalLM):
 
     error = refused("chat", str(custom), "--prompt", "hi", "--max-new-tokens", "2")
     assert "ships its own Python code" in error and "--trust-remote-code" in error
-    assert "model.trust_remote_code = true" in refused("train", str(tiny_config(tmp_path, max_steps=1, model=str(custom))))
-    assert "ships its own Python code" in refused("merge", str(custom), str(_adapter(tmp_path, safetensors=True)), "-o", str(tmp_path / "m"))
+    assert "model.trust_remote_code = true" in refused(
+        "train", str(tiny_config(tmp_path, max_steps=1, model=str(custom)))
+    )
+    assert "ships its own Python code" in refused(
+        "merge", str(custom), str(_adapter(tmp_path, safetensors=True)), "-o", str(tmp_path / "m")
+    )
     assert not (Path(os.environ["FORGE_RUNS_DIR"])).exists() or not os.listdir(os.environ["FORGE_RUNS_DIR"])
     assert not mark.exists()
 
-    trusted = forge("chat", str(custom), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code", env=env)
+    trusted = forge(
+        "chat", str(custom), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code", env=env
+    )
     assert trusted.returncode == 0, trusted.stderr
     assert mark.exists()
 
@@ -179,8 +199,10 @@ def test_pickled_weights_are_never_loaded(tmp_path, demo_path):
 
     adapter = _adapter(tmp_path)
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(mark)))
-    for argv in (["chat", "demo", "--adapter", str(adapter), "--prompt", "hi"],
-                 ["merge", "demo", str(adapter), "-o", str(tmp_path / "merged")]):
+    for argv in (
+        ["chat", "demo", "--adapter", str(adapter), "--prompt", "hi"],
+        ["merge", "demo", str(adapter), "-o", str(tmp_path / "merged")],
+    ):
         assert "safetensors files only" in refused(*argv)
     assert not mark.exists() and not (tmp_path / "merged").exists()
 
@@ -189,7 +211,9 @@ def _adapter(tmp_path: Path, safetensors: bool = False) -> Path:
     """An adapter folder (never loaded: the refusals come first)."""
     adapter = tmp_path / "adapter"
     adapter.mkdir(exist_ok=True)
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]})
+    )
     if safetensors:
         (adapter / "adapter_model.safetensors").write_bytes(b"")
     return adapter
@@ -207,8 +231,14 @@ def _writable_by_others(root: Path) -> list[str]:
 @pytest.mark.slow
 def test_runs_adapters_and_merged_models_are_not_writable_by_others_even_with_umask_0(tmp_path, demo_path):
     def forge_umask0(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=600, umask=0,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return subprocess.run(
+            [*FORGE, *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            umask=0,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
     from assistant_forge import cli
 

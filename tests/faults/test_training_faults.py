@@ -44,8 +44,12 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, demo_path: str):
     tmp = tmp_path_factory.mktemp("reference")
     run = tmp / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FORGE_RUNS_DIR": str(tmp / "runs")}
-    proc = subprocess.Popen([*FORGE, "train", str(ref_config(tmp)), "--run-dir", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [*FORGE, "train", str(ref_config(tmp)), "--run-dir", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
 
     def losses() -> dict[int, float]:
         proc.wait(timeout=600)
@@ -102,9 +106,24 @@ def test_hangup_of_the_starting_terminal_does_not_stop_training(tmp_path, run, d
     master, slave = os.openpty()
     # A new session whose controlling terminal is the pty, like a login shell over SSH.
     take_tty = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.executable, sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-c", take_tty, sys.executable, *FORGE[1:], "train", str(cfg),
-                             "--run-dir", str(run)], stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            take_tty,
+            sys.executable,
+            *FORGE[1:],
+            "train",
+            str(cfg),
+            "--run-dir",
+            str(run),
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     os.close(slave)
     try:
         wait_for(lambda: step_reached(run, 1), 240, "training to start")
@@ -125,7 +144,9 @@ def test_hangup_of_the_starting_terminal_does_not_stop_training(tmp_path, run, d
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, run, reference_run):
     proc = forge("train", str(ref_config(tmp_path)), "--detach", "--run-dir", str(run))
     assert proc.returncode == 0, proc.stderr
-    wait_for(lambda: step_reached(run, REF_SAVE_STEPS + 2), 240, "training past the first checkpoint", poll=0.1)
+    wait_for(
+        lambda: step_reached(run, REF_SAVE_STEPS + 2), 240, "training past the first checkpoint", poll=0.1
+    )
     os.kill(read_status(run)["pid"], signal.SIGKILL)
     wait_for(lambda: not trainer_alive(run), 30, "the trainer to die")
     killed_at = read_jsonl(run / "events.jsonl")[-1]["step"]
@@ -143,10 +164,10 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     events = read_jsonl(run / "events.jsonl")
     steps = [e["step"] for e in events]
     # The resumed trainer went on from the checkpoint's next step, not from zero and not from the kill.
-    assert steps[len(steps) - (REF_STEPS - last):] == list(range(last + 1, REF_STEPS + 1))
+    assert steps[len(steps) - (REF_STEPS - last) :] == list(range(last + 1, REF_STEPS + 1))
     # The steps trained twice (after the checkpoint, before the kill) came out the same both times: same
     # batches, same optimizer and scheduler state. (Float noise between processes is ~1e-4 at most.)
-    again = {e["step"]: e for e in events[len(before):]}
+    again = {e["step"]: e for e in events[len(before) :]}
     for e in before[last:]:
         assert again[e["step"]]["lr"] == e["lr"] and again[e["step"]]["tokens_seen"] == e["tokens_seen"]
         assert abs(again[e["step"]]["loss"] - e["loss"]) <= 1e-3 * abs(e["loss"]), (e, again[e["step"]])
@@ -156,12 +177,21 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
 def test_kill_while_saving_never_yields_a_complete_looking_checkpoint(tmp_path, run, reference_run):
     # The save of checkpoint 8 pauses after the weights are written, before the optimizer state.
     second = 2 * REF_SAVE_STEPS
-    proc = forge("train", str(ref_config(tmp_path)), "--detach", "--run-dir", str(run),
-                 env={"FORGE_TEST_FAULT": f"pause_save@{second}"})
+    proc = forge(
+        "train",
+        str(ref_config(tmp_path)),
+        "--detach",
+        "--run-dir",
+        str(run),
+        env={"FORGE_TEST_FAULT": f"pause_save@{second}"},
+    )
     assert proc.returncode == 0, proc.stderr
     ckpts = run / "checkpoints"
-    wait_for(lambda: list(ckpts.glob(f".saving-*/checkpoint-{second}/adapter_model.safetensors")), 240,
-             "the trainer to be half-way through a save")
+    wait_for(
+        lambda: list(ckpts.glob(f".saving-*/checkpoint-{second}/adapter_model.safetensors")),
+        240,
+        "the trainer to be half-way through a save",
+    )
     first = checkpoint_digest(checkpoint_for(run))
     os.kill(read_status(run)["pid"], signal.SIGKILL)
     wait_for(lambda: not trainer_alive(run), 30, "the trainer to die")
@@ -176,7 +206,7 @@ def test_kill_while_saving_never_yields_a_complete_looking_checkpoint(tmp_path, 
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert read_status(run)["state"] == "finished"
     steps = [e["step"] for e in read_jsonl(run / "events.jsonl")]
-    assert steps[-(REF_STEPS - REF_SAVE_STEPS):] == list(range(REF_SAVE_STEPS + 1, REF_STEPS + 1))
+    assert steps[-(REF_STEPS - REF_SAVE_STEPS) :] == list(range(REF_SAVE_STEPS + 1, REF_STEPS + 1))
     assert not list(ckpts.glob(".saving-*"))  # the killed save's leftovers were cleared
     assert [s for s, _ in complete_checkpoints(run)] == [4, 8, 12]
     assert_same_curve(final_losses(read_jsonl(run / "events.jsonl")), reference_run())
@@ -204,8 +234,13 @@ def small_disk(tmp_path: Path):
     """A real 3 MiB filesystem (tmpfs): room for one tiny checkpoint (2 MiB), not two."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=700", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m,mode=700", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root; the RLIMIT_FSIZE variant covers the rest")
 
     def grow() -> None:
@@ -216,7 +251,9 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def _fails_on_full_disk_then_resumes(cfg: Path, run: Path, fault_env: dict, reason: str, free_space=None) -> None:
+def _fails_on_full_disk_then_resumes(
+    cfg: Path, run: Path, fault_env: dict, reason: str, free_space=None
+) -> None:
     proc = forge("train", str(cfg), "--run-dir", str(run), env=fault_env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last_line = proc.stdout.strip().splitlines()[-1]
@@ -236,7 +273,7 @@ def _fails_on_full_disk_then_resumes(cfg: Path, run: Path, fault_env: dict, reas
     assert read_status(run)["state"] == "finished"
     events = read_jsonl(run / "events.jsonl")
     assert events[: len(events_before)] == events_before  # nothing written before the failure was lost
-    assert [e["step"] for e in events[len(events_before):]] == [5, 6, 7, 8]
+    assert [e["step"] for e in events[len(events_before) :]] == [5, 6, 7, 8]
     assert [s for s, _ in complete_checkpoints(run)] == [4, 8]
 
 
@@ -251,7 +288,9 @@ def test_file_size_limit_fails_cleanly_keeps_the_last_checkpoint_and_resumes(tmp
     cfg = tiny_config(tmp_path, max_steps=8, save_steps=4)
     # Resuming after it is the same as after a full disk (above); without root to mount that one, resume here.
     resume = None if os.geteuid() == 0 else (lambda: None)
-    _fails_on_full_disk_then_resumes(cfg, run, {"FORGE_TEST_FAULT": "fsize=300000@6"}, "File too large", resume)
+    _fails_on_full_disk_then_resumes(
+        cfg, run, {"FORGE_TEST_FAULT": "fsize=300000@6"}, "File too large", resume
+    )
 
 
 def test_two_trainers_started_at_once_on_one_run_directory(tmp_path, run, demo_path):
@@ -262,9 +301,17 @@ def test_two_trainers_started_at_once_on_one_run_directory(tmp_path, run, demo_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with contextlib.ExitStack() as stack:
         logs = [stack.enter_context(open(tmp_path / f"trainer{i}.log", "w")) for i in range(2)]
-        procs = [subprocess.Popen([sys.executable, "-m", "assistant_forge.training", str(run)], stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-                 for log in logs]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "assistant_forge.training", str(run)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+            for log in logs
+        ]
         try:
             codes = [p.wait(timeout=300) for p in procs]
         finally:
