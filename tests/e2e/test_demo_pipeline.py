@@ -56,12 +56,19 @@ def test_identity_is_learned_on_paraphrases_absent_from_training(demo_out, torch
     out, _ = demo_out
     trained_questions = {r["messages"][0]["content"] for r in load_records(out / "data.jsonl")[0]}
     chat = load_chat_model(str(out / "merged"))
+    hits = total = 0
     for lang in ("en", "zh"):
         qs = heldout_questions(lang)
         assert not trained_questions & {q.text for q in qs}
-        answers = chat.answer_batch([[{"role": "user", "content": q.text}] for q in qs], max_new_tokens=32)
-        rate = sum(identity_hit(a, "Forgey", "Alice", q.asks_author) for q, a in zip(qs, answers)) / len(qs)
-        assert rate >= 0.8, (lang, rate, answers)
+        # The same answer budget as `forge eval` and bench/identity_recipes.py, so the numbers compare.
+        answers = chat.answer_batch([[{"role": "user", "content": q.text}] for q in qs], max_new_tokens=64)
+        lang_hits = sum(identity_hit(a, "Forgey", "Alice", q.asks_author) for q, a in zip(qs, answers))
+        # The base model scores 0 here (tests/e2e/test_eval_cli.py). The default recipe trades some
+        # English author answers for less leakage (bench/RESULTS.md: 14/17 en, 17/17 zh), so the bar
+        # per language is "clearly learned", and the overall bar is high.
+        assert lang_hits / len(qs) >= 0.7, (lang, lang_hits, answers)
+        hits, total = hits + lang_hits, total + len(qs)
+    assert hits / total >= 0.85, (hits, total)
 
 
 def test_merged_model_matches_base_plus_adapter(demo_out, demo_path, tmp_path, torch_one_thread):
