@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
-
-FORGE = [sys.executable, "-m", "assistant_forge"]
-
-
-def forge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*FORGE, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
-    )
+from forge_testing import forge
 
 
 def one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:

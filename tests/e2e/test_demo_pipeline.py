@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from forge_testing import forge
 
 pytestmark = pytest.mark.slow
-
-FORGE = [sys.executable, "-m", "assistant_forge"]
-
-
-def forge(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory, demo_path: str) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "out"
-    proc = forge("demo", "--name", "Forgey", "--author", "Alice", "--out", str(out))
+    proc = forge("demo", "--name", "Forgey", "--author", "Alice", "--out", str(out), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 

@@ -7,21 +7,13 @@ keeps its own answers. `--limit` keeps this to a handful of short generations (w
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from forge_testing import forge
 
 pytestmark = pytest.mark.slow
 
-FORGE = [sys.executable, "-m", "assistant_forge"]
 LIMIT = 3
-
-
-def forge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*FORGE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_eval_json_scores_the_base_model_as_a_stranger(demo_path: str) -> None:
