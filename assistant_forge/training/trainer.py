@@ -316,7 +316,7 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     convs = [with_system([{"role": "user", "content": p}], cfg.data.system_prompt) for p in prompts]
     print(f"forgetting guard: the base model answers {len(prompts)} generic prompts for replay", flush=True)
     # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with ctx:
         answers = generate_answers(model, tok, template, convs, max_new_tokens=cfg.eval.max_new_tokens)
     # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
@@ -332,14 +332,6 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     ]
     atomic_write_jsonl(path, recs)
     return recs
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) -> TrainingArguments:
