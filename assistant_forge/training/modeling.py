@@ -10,6 +10,7 @@ from assistant_forge.core.encoding import load_tokenizer
 from assistant_forge.core.models import check_model_code, resolve_model
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
+from assistant_forge.training.labeled_loss import patch_labeled_loss
 
 
 def pick_device(cfg: ForgeConfig) -> str:
@@ -97,6 +98,9 @@ def build_model(cfg: ForgeConfig) -> tuple[Any, Any]:
     model = load_base(cfg, device, dtype)
     if hook := _hook("apply_speedups"):
         model = hook(model, cfg) or model
+    if device == "cpu":
+        # Logits and loss only where a label is: the same loss, and ~1.2x the demo's steps per minute.
+        patch_labeled_loss(model)
     model = wrap_for_training(model, cfg)
     if hook := _hook("after_peft"):
         model = hook(model, cfg) or model

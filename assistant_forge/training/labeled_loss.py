@@ -1,0 +1,83 @@
+"""Logits only where a label is: the CPU trainer's causal-LM loss without the full-vocabulary head.
+
+Loss is on assistant tokens only, so most positions of a packed row (system prompt, questions, the
+first token of each sample) carry no label, yet the stock forward applies the lm_head to every
+position. On the demo model that head (576 x 49k) is about a fifth of the CPU forward pass. Here the
+model body runs as before, the hidden states are gathered where the shifted label is not -100, and
+only those rows go through the head and the cross-entropy: the same loss (transformers'
+ForCausalLMLoss: fp32 logits, sum / num_items_in_batch or mean), the same gradients, less work.
+
+The GPU fast path (training.speed) has its own fused loss; this one is for models on the CPU.
+Generation and evaluation (no labels, or not training) take the model's own forward untouched.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+IGNORE_INDEX = -100
+# Config attributes of models that scale or cap their logits; their forward is left alone.
+_LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def labeled_cross_entropy(
+    hidden: Any,
+    head: Any,
+    labels: Any | None = None,
+    *,
+    shift_labels: Any | None = None,
+    num_items_in_batch: Any | None = None,
+) -> Any:
+    """transformers' causal-LM loss of `head(hidden)`, computing logits only at labelled positions."""
+    import torch
+    from torch.nn import functional as F
+
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = shift_labels.reshape(-1).to(h.device)
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = head(h.index_select(0, keep)).float()
+    target = y.index_select(0, keep)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, target, reduction="mean")
+    loss = F.cross_entropy(logits, target, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def _labeled_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    """*ForCausalLM.forward that, when training with labels, returns the loss without full logits."""
+    import torch
+
+    orig = self._forge_orig_forward_cpu
+    if labels is None or not self.training or not torch.is_grad_enabled():
+        return orig(*args, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    kwargs.pop("logits_to_keep", None)
+    outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
+    loss = labeled_cross_entropy(
+        outputs[0], self.lm_head, labels, shift_labels=shift_labels, num_items_in_batch=num_items
+    )
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def patch_labeled_loss(model: Any) -> bool:
+    """Give a (not yet PEFT-wrapped) *ForCausalLM the labelled-positions-only loss; False if it cannot."""
+    import torch
+
+    head = getattr(model, "lm_head", None)
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(head, torch.nn.Linear) or body is None or body is model:
+        return False
+    if any(getattr(model.config, a, None) not in (None, 1, 1.0) for a in _LOGIT_SCALING):
+        return False
+    if not hasattr(model, "_forge_orig_forward_cpu"):
+        model._forge_orig_forward_cpu = model.forward
+        model.forward = types.MethodType(_labeled_forward, model)
+    return True
