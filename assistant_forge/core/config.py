@@ -97,6 +97,10 @@ class TrainSection(_Section):
     fused_kernels: bool = Field(
         True, description="forge's fast GPU path: fused LoRA, fused cross-entropy, Liger kernels (CUDA only)"
     )
+    compile_layers: bool = Field(
+        True,
+        description="fast path: torch.compile the decoder layers (one compile for all; ~1 min before step 1)",
+    )
     checkpoint_policy: Literal["auto", "all", "offload", "none"] = Field(
         "auto",
         description="auto: checkpoint only as many layers as the memory budget needs; offload: all, inputs kept on the host",

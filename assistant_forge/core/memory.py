@@ -282,7 +282,9 @@ def estimate_memory(
     workspace = bwd_temp + (per_layer + (d_in if offload else 0) if checkpointed_layers else 0)
     if absmax_cache is None:  # the fast path keeps it except in the low-memory (offload) policy
         absmax_cache = policy != "offload"
+    # Compiled layers dequantize the double-quantized absmax inside the graph: no cache needed.
     absmax_cache = absmax_cache and fused and method == "qlora" and cfg.lora.double_quant
+    absmax_cache = absmax_cache and not compiled_layers(cfg, fused)
     absmax = int(linear * 4 / 64) if absmax_cache else 0
     if fused:
         rows = max(1, min(tokens, FUSED_CE_ROWS_X_VOCAB // shape.vocab))
@@ -308,6 +310,12 @@ def estimate_memory(
         optimizer_on_device=optimizer_on_device and t.optimizer.startswith("paged_"),
         absmax_cache=absmax_cache,
     )
+
+
+def compiled_layers(cfg: ForgeConfig, fused: bool | None = None) -> bool:
+    """Whether the fast path compiles the decoder layers (training.speed.compile_layers)."""
+    fused = getattr(cfg.train, "fused_kernels", True) if fused is None else fused
+    return bool(fused and cfg.lora.method != "full" and getattr(cfg.train, "compile_layers", True))
 
 
 def fit_checkpointing(

@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
+_MADE: dict[Any, Any] = {}
+
+
+def _once(make: Any) -> Any:
+    """make() on the first call, the same object after. A plain dict rather than functools.cache:
+    torch.compile traces a dict lookup, but would re-run the factory inside a compiled layer."""
+    made = _MADE.get(make)
+    if made is None:
+        made = _MADE[make] = make()
+    return made
+
 
 @dataclass
 class SpeedReport:
@@ -51,6 +62,7 @@ class SpeedReport:
     liger: list[str] = field(default_factory=list)
     fused_loss: bool = False
     fused_lora_modules: int = 0
+    compiled_layers: int = 0
     recast_to_half: int = 0
     checkpointed_layers: int = 0
     num_layers: int = 0
@@ -96,7 +108,9 @@ def apply_speedups(model: Any, cfg: ForgeConfig, *, force: bool = False, liger: 
     if not (force or enabled(model, cfg)):
         return model
     rep = report(model)
-    if liger and cfg.lora.method != "full":
+    # Compiled layers get their norms, RoPE and SwiGLU fused by the compiler; Liger's kernels
+    # would only break the compiled graph.
+    if liger and cfg.lora.method != "full" and not mem.compiled_layers(cfg):
         rep.liger = _apply_liger(model, rep)
     rep.fused_loss = _patch_fused_loss(model, rep)
     return model
@@ -109,6 +123,8 @@ def after_peft(model: Any, cfg: ForgeConfig, *, force: bool = False, seq_len: in
     rep = report(model)
     rep.recast_to_half = _recast_frozen_to_half(model)
     rep.fused_lora_modules = patch_lora_layers(model)
+    if mem.compiled_layers(cfg):
+        rep.compiled_layers = compile_layers(model, _uses_rng(model))
     configure_checkpointing(model, cfg, seq_len=seq_len)
     log.info("forge fast path: %s", rep.as_dict())
     return model
@@ -226,27 +242,48 @@ def set_rms_norm_impl(model: Any, impl: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _dense_weight(base: Any, dtype: Any) -> Any:
-    """The base layer's weight as a dense (out, in) tensor in `dtype` (dequantized if 4-bit)."""
+def _dequant(weight: Any, absmax: Any, blocksize: int, quant_type: str, shape: list[int], dtype: Any) -> Any:
+    """A dense (out, in) weight in `dtype`: 4-bit codes dequantized in one kernel when `absmax`
+    is given, else `weight` itself (a plain linear's)."""
     import torch
 
+    if absmax is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, blocksize, quant_type, shape, dtype)
+
+
+def _absmax(w: Any) -> Any:
+    """The fp32 absmax of a 4-bit weight: the cached copy (cache_absmax), the plain one, or the
+    double-quantized one dequantized now (two kernels, instead of bitsandbytes' wrapper)."""
+    import torch
+
+    qs = w.quant_state
+    cached = getattr(w, "_forge_absmax", None)
+    if cached is not None:
+        return cached
+    if not qs.nested:
+        return qs.absmax
+    s2 = qs.state2
+    absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+        qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32
+    )
+    return absmax + qs.offset
+
+
+def _weight_args(base: Any) -> tuple[Any, Any, int, str, list[int]]:
+    """(weight, absmax, blocksize, quant_type, shape) for _dequant, from a plain or 4-bit linear."""
     w = base.weight
     qs = getattr(w, "quant_state", None)
-    if qs is not None:
-        absmax = getattr(w, "_forge_absmax", None)
-        if absmax is None and not qs.nested:
-            absmax = qs.absmax
-        if absmax is not None:
-            # One kernel launch instead of bitsandbytes' wrapper (nested-absmax dequant, add, checks):
-            # at batch 1 x 2048 tokens the step is bound by the CPU issuing kernels, not the GPU.
-            w = torch.ops.bitsandbytes.dequantize_4bit.default(
-                w.data, absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype
-            )
-        else:
-            import bitsandbytes.functional as bnbf
+    if qs is None:
+        return w, None, 0, "", list(w.shape)
+    # At batch 1 x 2048 tokens the step is bound by the CPU issuing kernels: one dequant kernel
+    # instead of bitsandbytes' wrapper (nested-absmax dequant, add, checks) per weight.
+    return w.data, _absmax(w), qs.blocksize, qs.quant_type, list(qs.shape)
 
-            w = bnbf.dequantize_4bit(w.data, qs)
-    return w if w.dtype == dtype else w.to(dtype)
+
+def _dense_weight(base: Any, dtype: Any) -> Any:
+    """The base layer's weight as a dense (out, in) tensor in `dtype` (dequantized if 4-bit)."""
+    return _dequant(*_weight_args(base), dtype)
 
 
 def cache_absmax(model: Any, enable: bool = True) -> int:
@@ -264,12 +301,8 @@ def cache_absmax(model: Any, enable: bool = True) -> int:
             w._forge_absmax = None
             continue
         if getattr(w, "_forge_absmax", None) is None:
-            import bitsandbytes.functional as bnbf
-
             with torch.no_grad():
-                absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2)
-                absmax += qs.offset
-            w._forge_absmax = absmax.float()
+                w._forge_absmax = _absmax(w).float()
         held += w._forge_absmax.numel() * 4
     return held
 
@@ -286,31 +319,63 @@ def _fast_base(base: Any) -> bool:
     return w.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _lora_fwd(x: Any, a: Any, b: Any, weight: Any, bias: Any, scale: float, p: float) -> tuple[Any, Any, Any]:
+    """y = x W^T (+ bias) + s * (drop(x) A^T) B^T for 2-D x; `weight()` gives the dense W (made
+    only for the matmul). Returns y, x A^T and the dropout keep-mask (bool, or None at p = 0)."""
+    import torch
+
+    dtype = x.dtype
+    keep = None
+    xd = x
+    if p > 0:
+        xd, keep = torch.native_dropout(x, p, True)  # one kernel: mask and masked x
+    xa = xd @ a.to(dtype).t()
+    del xd
+    w = weight()
+    y = torch.nn.functional.linear(x, w, bias.to(dtype) if bias is not None else None)
+    del w
+    y.addmm_(xa, b.to(dtype).t(), alpha=scale)
+    return y, xa, keep
+
+
+def _lora_bwd(
+    gy: Any, x: Any, xa: Any, keep: Any, a: Any, b: Any, weight: Any, scale: float, p: float, needs: Any
+) -> tuple[Any, Any, Any]:
+    """Gradients (x, A, B) of _lora_fwd; `needs` is ctx.needs_input_grad for (x, a, b)."""
+    import torch
+
+    dtype = x.dtype
+    g = gy.reshape(-1, gy.shape[-1])
+    a_c, b_c = a.to(dtype), b.to(dtype)
+    gxa = (g @ b_c).mul_(scale)
+    gx = ga = gb = None
+    if needs[2]:
+        gb = (g.t() @ xa).mul_(scale).to(b.dtype)
+    if needs[1]:
+        xd = x if keep is None else torch.ops.aten.native_dropout_backward(x, keep, 1.0 / (1.0 - p))
+        ga = (gxa.t() @ xd).to(a.dtype)
+        del xd
+    if needs[0]:
+        w = weight()
+        gx = g @ w
+        del w
+        if keep is None:
+            gx.addmm_(gxa, a_c)
+        else:
+            gx.add_(torch.ops.aten.native_dropout_backward(gxa @ a_c, keep, 1.0 / (1.0 - p)))
+    return gx, ga, gb
+
+
 def _make_lora_fn() -> Any:
     import torch
 
     class _LoraLinear(torch.autograd.Function):
-        """y = x W^T (+ bias) + s * (drop(x) A^T) B^T with W frozen (maybe 4-bit), A and B trainable.
-
-        Saves x (shared by q/k/v, so nearly free), x A^T (tokens x r) and, with dropout, a bool mask.
-        """
+        """The eager fused LoRA projection (see _lora_fwd). Saves x (shared by q/k/v, so nearly
+        free), x A^T (tokens x r) and, with dropout, a bool mask; W is dequantized again in backward."""
 
         @staticmethod
         def forward(ctx: Any, x: Any, a: Any, b: Any, base: Any, scale: float, p: float) -> Any:
-            dtype = x.dtype
-            a_c, b_c = a.to(dtype), b.to(dtype)
-            keep = None
-            xd = x
-            if p > 0:
-                keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-                xd = x * keep * (1.0 / (1.0 - p))
-            xa = xd @ a_c.t()
-            del xd
-            w = _dense_weight(base, dtype)
-            bias = base.bias.to(dtype) if base.bias is not None else None
-            y = torch.nn.functional.linear(x, w, bias)
-            del w
-            y.addmm_(xa, b_c.t(), alpha=scale)
+            y, xa, keep = _lora_fwd(x, a, b, lambda: _dense_weight(base, x.dtype), base.bias, scale, p)
             ctx.save_for_backward(x, xa, keep, a, b)
             ctx.base, ctx.scale, ctx.p = base, scale, p
             return y
@@ -318,40 +383,74 @@ def _make_lora_fn() -> Any:
         @staticmethod
         def backward(ctx: Any, gy: Any) -> Any:
             x, xa, keep, a, b = ctx.saved_tensors
-            dtype = x.dtype
-            scale, p = ctx.scale, ctx.p
-            g = gy.reshape(-1, gy.shape[-1])
-            a_c, b_c = a.to(dtype), b.to(dtype)
-            gxa = (g @ b_c).mul_(scale)
-            gx = ga = gb = None
-            if ctx.needs_input_grad[2]:
-                gb = (g.t() @ xa).mul_(scale).to(b.dtype)
-            if ctx.needs_input_grad[1]:
-                xd = x if keep is None else x * keep * (1.0 / (1.0 - p))
-                ga = (gxa.t() @ xd).to(a.dtype)
-                del xd
-            if ctx.needs_input_grad[0]:
-                w = _dense_weight(ctx.base, dtype)
-                gx = g @ w
-                del w
-                if keep is None:
-                    gx.addmm_(gxa, a_c)
-                else:
-                    gx.add_((gxa @ a_c).mul_(keep).mul_(1.0 / (1.0 - p)))
+            w = lambda: _dense_weight(ctx.base, x.dtype)  # noqa: E731
+            gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, ctx.needs_input_grad)
             return gx, ga, gb, None, None, None
 
     return _LoraLinear
 
 
-@functools.cache
+_LORA_OP_SCHEMA = (
+    "(Tensor x, Tensor a, Tensor b, Tensor weight, Tensor? absmax, Tensor? bias, float scale, float p,"
+    " int blocksize, str quant_type, SymInt[] shape) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _make_lora_op() -> Any:
+    """The same projection as a custom operator, for compiled decoder layers. Opaque to the
+    compiler on purpose: traced, the compiler merges the backward's dequantization with the
+    forward's and keeps every dense bf16 weight alive until backward (0.4 GiB a 7B layer)."""
+    import torch
+
+    @torch.library.custom_op("forge::lora_linear", mutates_args=(), schema=_LORA_OP_SCHEMA)
+    def op(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, shape):  # type: ignore[no-untyped-def]
+        w = lambda: _dequant(weight, absmax, blocksize, quant_type, shape, x.dtype)  # noqa: E731
+        y, xa, keep = _lora_fwd(x, a, b, w, bias, scale, p)
+        return y, xa, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
+
+    @op.register_fake
+    def _(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, shape):  # type: ignore[no-untyped-def]
+        keep = x.new_empty(x.shape if p > 0 else (0,), dtype=torch.bool)
+        return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], a.shape[0]), keep
+
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x, a, b, weight, absmax, _bias, scale, p, blocksize, quant_type, shape = inputs
+        _y, xa, keep = output
+        ctx.save_for_backward(x, a, b, weight, absmax, xa, keep)
+        ctx.scale, ctx.p, ctx.quant = scale, p, (blocksize, quant_type, shape)
+
+    def backward(ctx: Any, gy: Any, _gxa: Any, _gkeep: Any) -> Any:
+        x, a, b, weight, absmax, xa, keep = ctx.saved_tensors
+        w = lambda: _dequant(weight, absmax, *ctx.quant, x.dtype)  # noqa: E731
+        keep = keep if ctx.p > 0 else None
+        gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, ctx.needs_input_grad)
+        return (gx, ga, gb) + (None,) * 8
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def _lora_op() -> Any:
+    return _once(_make_lora_op)
+
+
 def _lora_fn() -> Any:
-    return _make_lora_fn()
+    return _once(_make_lora_fn)
 
 
 def lora_linear(x: Any, base: Any, a: Any, b: Any, scale: float, p: float = 0.0) -> Any:
     """The fused LoRA projection of `x` (any leading shape); see _LoraLinear."""
+    import torch
+
     lead = x.shape[:-1]
-    y = _lora_fn().apply(x.reshape(-1, x.shape[-1]), a, b, base, float(scale), float(p))
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        weight, absmax, blocksize, quant_type, shape = _weight_args(base)
+        y = _lora_op()(
+            x2, a, b, weight, absmax, base.bias, float(scale), float(p), blocksize, quant_type, shape
+        )[0]
+    else:
+        y = _lora_fn().apply(x2, a, b, base, float(scale), float(p))
     return y.view(*lead, y.shape[-1])
 
 
@@ -380,6 +479,7 @@ def patch_lora_layers(model: Any) -> int:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
         return 0
+    _lora_fn()  # made here, outside any compiled region
     n = 0
     for m in model.modules():
         if isinstance(m, LoraLayer) and hasattr(m, "lora_A") and _fast_base(getattr(m, "base_layer", None)):
@@ -443,9 +543,8 @@ def _make_ce_fn() -> Any:
     return _LinearCrossEntropy
 
 
-@functools.cache
 def _ce_fn() -> Any:
-    return _make_ce_fn()
+    return _once(_make_ce_fn)
 
 
 def fused_linear_cross_entropy(
@@ -615,9 +714,8 @@ def _make_recompute_fn() -> Any:
     return _Recompute
 
 
-@functools.cache
 def _recompute_fn() -> Any:
-    return _make_recompute_fn()
+    return _once(_make_recompute_fn)
 
 
 _ANCHORS: dict[Any, Any] = {}
@@ -673,6 +771,53 @@ def _make_checkpoint_func(offload: bool, rng: bool = True) -> Any:
         return _recompute_fn().apply(fn, offload, rng, _anchor(hidden.device), hidden, *args[1:])
 
     return func
+
+
+def _layer_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """A decoder layer's forward on the fast path: its own forward (compiled for training, see
+    compile_layers), under forge's checkpoint when the plan recomputes this layer. transformers'
+    checkpoint switch stays off: its wrapper would end up inside the compiled region."""
+    import torch
+
+    if not self.training or kwargs.get("past_key_values") is not None:
+        # Sample answers during training: a KV cache, and shapes that change every token.
+        return self._forge_eager(*args, **kwargs)
+    run = self._forge_run
+    if self._forge_ckpt and torch.is_grad_enabled():
+        return self._forge_ckpt_func(functools.partial(run, **kwargs), *args)
+    return run(*args, **kwargs)
+
+
+def _own_layer_forward(layer: Any) -> None:
+    if "_forge_run" not in layer.__dict__:
+        layer._forge_run = layer._forge_eager = layer.forward
+        layer._forge_ckpt = False
+        layer.forward = types.MethodType(_layer_forward, layer)
+    layer.gradient_checkpointing = False
+
+
+def compile_layers(model: Any, rng: bool) -> int:
+    """torch.compile each decoder layer's training forward. The layers share the compiled graphs
+    (the same code; parameters are graph inputs), so this costs one compile, not one per layer.
+    Gains: fused norms, RoPE, SwiGLU and residual adds, and far fewer kernel launches from Python
+    (at batch 1 and 2048 tokens the eager step is bound by the CPU issuing kernels)."""
+    import torch
+
+    layers = decoder_layers(model)
+    # Made before any trace: a compiled graph guards on what _once has made so far.
+    for make in (_make_lora_fn, _make_lora_op, _make_ce_fn, _make_recompute_fn):
+        _once(make)
+    # Training and no-grad graphs, dropout on and off, a dynamic-length variant: a few each.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if rng:
+        # Dropout draws from torch's generator as in eager mode, so a checkpointed layer's
+        # recompute (same RNG state restored) draws the same masks as its forward did.
+        torch._inductor.config.fallback_random = True
+    for layer in layers:
+        _own_layer_forward(layer)
+        if layer._forge_run is layer._forge_eager:
+            layer._forge_run = torch.compile(layer._forge_eager)
+    return len(layers)
 
 
 def memory_budget_bytes(cfg: ForgeConfig, device: Any = None) -> int:
@@ -745,12 +890,13 @@ def configure_checkpointing(
             optimizer_on_device=optimizer_on_device,
             absmax_cache=absmax_cache,
         )
-    rep.absmax_cache_gib = round(cache_absmax(model, absmax_cache) / mem.GIB, 3)
+    rep.absmax_cache_gib = round(cache_absmax(model, est.absmax_cache) / mem.GIB, 3)
     rep.optimizer_on_device = optimizer_on_device
     fn = _make_checkpoint_func(offload, _uses_rng(model))
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < checkpointed_layers
-        layer._gradient_checkpointing_func = fn
+        _own_layer_forward(layer)
+        layer._forge_ckpt = i < checkpointed_layers
+        layer._forge_ckpt_func = fn
     rep.checkpointed_layers, rep.num_layers, rep.offload = checkpointed_layers, len(layers), offload
     rep.estimate_gib = round(est.total_gib, 2)
     return est
@@ -774,8 +920,8 @@ class FlatParams:
     one tensor instead of hundreds (its per-tensor Python loop costs ~45 ms a step for a 7B's 448
     LoRA matrices, on a step that is CPU-bound). Right before the step the gradients are gathered
     into one flat gradient (one `cat`, after backward has freed the activations, so the peak does
-    not grow); right after it that is freed. Per-tensor gradients stay as they are, so clipping
-    over model.parameters() and zero_grad work unchanged. No tensor hooks: a hook holding the
+    not grow) and the per-tensor gradients are dropped; right after it the flat one is freed.
+    Clipping over model.parameters() before the step works unchanged. No tensor hooks: a hook holding the
     tensor it hangs on is a reference cycle through C++ that the garbage collector cannot free."""
 
     def __init__(self, params: list[Any]) -> None:
@@ -797,6 +943,10 @@ class FlatParams:
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.flat.grad = torch.cat([g.reshape(-1) for g in grads])
+        # Consumed: the optimizer's zero_grad only knows the flat buffer, so per-tensor gradients
+        # left here would add up across steps in a loop that clears grads through the optimizer.
+        for p in self.params:
+            p.grad = None
 
     def release_grads(self, *_: Any) -> None:
         self.flat.grad = None

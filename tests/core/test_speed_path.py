@@ -1,0 +1,174 @@
+"""forge's GPU fast path (training/speed.py), run on the CPU with `force=True`: a tiny random Llama,
+4-bit through bitsandbytes' CPU kernels, LoRA with dropout. What is checked is the math and the
+plumbing (fused LoRA, fused loss, checkpoint plan, compiled layers), not the speed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from assistant_forge.core.config import ForgeConfig  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=256,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def build(
+    path: Path, *, method: str = "qlora", dropout: float = 0.1, fast: bool, compile_layers: bool = False
+):
+    from assistant_forge.training import modeling, speed
+
+    cfg = ForgeConfig()
+    cfg.model.path = str(path)
+    cfg.model.attn_implementation = "sdpa"
+    cfg.lora.method, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = method, 8, 16, dropout
+    cfg.lora.target_modules = list(TARGETS)
+    cfg.train.compile_layers = compile_layers
+    torch.manual_seed(0)  # same LoRA A init in every build
+    model = modeling.load_base(cfg, "cpu", torch.float32)
+    if fast:
+        model = speed.apply_speedups(model, cfg, force=True, liger=False)
+    model = modeling.wrap_for_training(model, cfg)
+    if fast:
+        model = speed.after_peft(model, cfg, force=True)
+        speed.configure_checkpointing(model, cfg, checkpointed_layers=1)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B, so the adapter's path shows in the loss
+            p.data.normal_(0, 0.02)
+    model.train()
+    return model
+
+
+def loss_and_grads(model, seed: int = 5) -> tuple[float, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(seed)  # dropout masks
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.item(), grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def test_fast_path_matches_peft_without_dropout(tiny_llama: Path) -> None:
+    """Fused LoRA + fused loss + forge's checkpoint == PEFT's plain path (dropout 0: same math)."""
+    ref_loss, ref = loss_and_grads(build(tiny_llama, dropout=0.0, fast=False))
+    loss, got = loss_and_grads(build(tiny_llama, dropout=0.0, fast=True))
+    assert abs(loss - ref_loss) < 1e-5
+    assert set(got) == set(ref) and len(got) == 2 * 7 * 2
+    assert max(rel_err(got[n], ref[n]) for n in ref) < 1e-4
+
+
+def test_checkpoint_plan_recomputes_only_the_planned_layers(tiny_llama: Path) -> None:
+    from assistant_forge.training import speed
+
+    model = build(tiny_llama, fast=True)
+    layers = speed.decoder_layers(model)
+    calls = [0, 0]
+    for i, layer in enumerate(layers):
+        layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    loss_and_grads(model)
+    assert calls == [2, 1]  # layer 0 runs again in backward, layer 1 keeps its activations
+    assert speed.report(model).checkpointed_layers == 1
+    # Without grad (generation during training) nothing is checkpointed or recomputed.
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert calls == [3, 2]
+
+
+def test_dropout_recompute_draws_the_same_masks(tiny_llama: Path) -> None:
+    """With dropout, a checkpointed layer's recompute must reuse its forward's masks: the same
+    seed gives the same gradients whether layer 0 is checkpointed or not."""
+    from assistant_forge.core.config import ForgeConfig as _Cfg
+    from assistant_forge.training import speed
+
+    model = build(tiny_llama, fast=True)
+    _, ckpt = loss_and_grads(model)
+    speed.configure_checkpointing(model, _Cfg(), checkpointed_layers=0)
+    _, plain = loss_and_grads(model)
+    _, other_seed = loss_and_grads(model, seed=6)
+    assert max(rel_err(ckpt[n], plain[n]) for n in plain) < 1e-5
+    assert max(rel_err(other_seed[n], plain[n]) for n in plain) > 1e-3  # the masks matter
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_layers_match_eager(tiny_llama: Path) -> None:
+    """Compiled decoder layers (4-bit LoRA as forge's custom op, dropout, one layer checkpointed)
+    give the eager fast path's loss and gradients, and both layers share the compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    from assistant_forge.training import speed
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_loss, eager = loss_and_grads(build(tiny_llama, fast=True))
+    model = build(tiny_llama, fast=True, compile_layers=True)
+    assert speed.report(model).compiled_layers == 2
+    for _ in range(2):  # the second step runs the cached graphs
+        loss, got = loss_and_grads(model)
+        assert abs(loss - eager_loss) < 1e-5
+        assert max(rel_err(got[n], eager[n]) for n in eager) < 1e-4
+    # Graphs are per kind of call, not per layer: the checkpointed forward under no_grad and the
+    # training forward. One compile per layer would make at least 4.
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def train_losses(model, optimizer: str, *, clear_model_grads: bool, steps: int = 4) -> list[float]:
+    from assistant_forge.training import speed
+
+    cfg = ForgeConfig()
+    cfg.train.optimizer = optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = speed.make_optimizer(model, cfg, params, lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):  # the same batch: the loss must fall
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if clear_model_grads:
+            model.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    return losses
+
+
+def test_flat_optimizer_leaves_no_stale_gradients(tiny_llama: Path) -> None:
+    """bitsandbytes optimizers step one flat buffer (speed.FlatParams): a loop that clears grads
+    only through the optimizer must train exactly like one that also clears the model's."""
+    from assistant_forge.training import speed
+
+    model = build(tiny_llama, dropout=0.0, fast=True)
+    only_opt = train_losses(model, "adamw_8bit", clear_model_grads=False)
+    assert speed.report(model)._flat is not None  # the flat path really ran
+    assert all(p.grad is None for p in model.parameters())
+    both = train_losses(build(tiny_llama, dropout=0.0, fast=True), "adamw_8bit", clear_model_grads=True)
+    assert only_opt == both
+    assert only_opt[-1] < only_opt[0]
