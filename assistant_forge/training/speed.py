@@ -809,6 +809,9 @@ def compile_layers(model: Any, rng: bool) -> int:
         _once(make)
     # Training and no-grad graphs, dropout on and off, a dynamic-length variant: a few each.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # A machine that cannot compile (no C compiler for Triton's launcher, an unsupported model
+    # part) trains with the eager layers and a warning in train.log instead of failing at step 1.
+    torch._dynamo.config.suppress_errors = True
     if rng:
         # Dropout draws from torch's generator as in eager mode, so a checkpointed layer's
         # recompute (same RNG state restored) draws the same masks as its forward did.

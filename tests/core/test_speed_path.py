@@ -172,3 +172,19 @@ def test_flat_optimizer_leaves_no_stale_gradients(tiny_llama: Path) -> None:
     both = train_losses(build(tiny_llama, dropout=0.0, fast=True), "adamw_8bit", clear_model_grads=True)
     assert only_opt == both
     assert only_opt[-1] < only_opt[0]
+
+
+def test_failed_compile_falls_back_to_eager(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No working compiler (here: inductor raising) must not stop training: same loss as eager."""
+    import torch._inductor.compile_fx as compile_fx
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no C compiler")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    eager_loss, eager = loss_and_grads(build(tiny_llama, fast=True))
+    loss, got = loss_and_grads(build(tiny_llama, fast=True, compile_layers=True))
+    assert abs(loss - eager_loss) < 1e-6
+    assert max(rel_err(got[n], eager[n]) for n in eager) < 1e-6
+    torch._dynamo.reset()
