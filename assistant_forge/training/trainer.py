@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from assistant_forge.core.chat import generate_answers
@@ -391,6 +391,9 @@ def train_run(run: Path, resume: bool = False) -> str:
     if not records:
         raise ForgeError("The config lists no training data; set data.files.")
     print(f"loading {cfg.model.path} ({cfg.lora.method}) on {device}", flush=True)
+    # Seeded before the model is built: LoRA's A matrices are drawn at wrap time, before the Trainer
+    # seeds, so without this two runs of one config started from different adapters.
+    set_seed(cfg.train.seed)
     model, tok = build_model(cfg)
     replay = build_replay(run, cfg, model, tok)
     records = mix_replay(records, replay, cfg.data.replay_ratio, cfg.train.seed)
