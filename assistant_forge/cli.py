@@ -150,14 +150,28 @@ def follow_run(run: Path, quiet: bool = False) -> None:
         raise SystemExit(0) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return n
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from assistant_forge.core.presets import resolve_config
     from assistant_forge.core.runs import find_run, launch, new_run_dir, preflight, read_status
 
     if a.resume:
+        if a.gpus:
+            raise ForgeError("--gpus applies to new runs; a resumed run keeps the processes it started with.")
         run = find_run(a.run_dir or a.config)
     else:
         cfg, _ = resolve_config(a.config)
+        if a.gpus:
+            cfg.train.processes = a.gpus
         preflight(cfg)
         if cfg.model.trust_remote_code:
             print("warning: trust_remote_code is on: the model's own Python code will run.", file=sys.stderr)
@@ -456,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue a run from its newest complete checkpoint"
     )
     sp.add_argument("--run-dir", help="where the run lives (default: forge's runs folder)")
+    sp.add_argument(
+        "--gpus",
+        type=_positive_int,
+        metavar="N",
+        help="data-parallel over N GPUs, one process each via torchrun (sets train.processes)",
+    )
 
     rn = sub.add_parser("runs", help="list, inspect, follow and stop runs")
     rn.set_defaults(func=cmd_runs_list)

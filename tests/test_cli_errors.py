@@ -115,3 +115,18 @@ def test_data_preview_marks_loss_tokens(tmp_path, demo_path):
 def test_runs_empty_and_unknown_run():
     assert "no runs yet" in forge("runs").stdout
     one_line_error(forge("runs", "show", "nope"), r"No run 'nope'")
+
+
+def test_gpus_beyond_the_machine(tmp_path):
+    cfg = write_cfg(tmp_path, '[data]\nfiles = ["data.jsonl"]\n[lora]\nmethod = "lora"\n')
+    one_line_error(
+        forge("train", str(cfg), "--gpus", "2"),
+        r"train.processes = 2 needs 2 CUDA GPUs, this machine has 0; to run CPU processes set train.device",
+    )
+    bad = forge("train", str(cfg), "--gpus", "0")
+    assert bad.returncode == 2 and "at least 1, got '0'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not list(tmp_path.glob("*/status.json"))  # nothing was started
+
+
+def test_gpus_cannot_change_on_resume(tmp_path):
+    one_line_error(forge("train", "--resume", str(tmp_path), "--gpus", "2"), r"--gpus applies to new runs")

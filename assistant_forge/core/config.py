@@ -106,6 +106,12 @@ class TrainSection(_Section):
         description="auto: checkpoint only as many layers as the memory budget needs; offload: all, inputs kept on the host",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="data-parallel processes, one GPU each (forge train --gpus N); on device = cpu, CPU processes",
+    )
 
 
 class EvalSection(_Section):

@@ -226,6 +226,17 @@ def preflight(cfg: ForgeConfig) -> None:
         from assistant_forge.training.modeling import check_4bit_available
 
         check_4bit_available("")
+    n = cfg.train.processes
+    if n > 1 and cfg.train.device != "cpu":
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < n:
+            raise ForgeError(
+                f"train.processes = {n} needs {n} CUDA GPUs, this machine has {have}"
+                + ('; to run CPU processes set train.device = "cpu"' if not have else "")
+                + "."
+            )
 
 
 def run_config(run: Path) -> ForgeConfig:
@@ -233,6 +244,22 @@ def run_config(run: Path) -> ForgeConfig:
 
 
 # --- launching and stopping ---------------------------------------------------------------------
+
+
+def trainer_command(run: Path, resume: bool, processes: int) -> list[str]:
+    """The detached trainer's command: one Python process, or `processes` of them through torchrun."""
+    args = ["-m", "assistant_forge.training", str(run)] + (["--resume"] if resume else [])
+    if processes <= 1:
+        return [sys.executable, *args]
+    # --standalone: a private rendezvous on a free port, so two runs on one machine never meet.
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        *args,
+    ]
 
 
 def launch(run: Path, resume: bool = False) -> int:
@@ -244,7 +271,7 @@ def launch(run: Path, resume: bool = False) -> int:
         )
     if resume and not complete_checkpoints(run):
         raise ForgeError(f"Run {run.name} has no complete checkpoint to resume from.")
-    cmd = [sys.executable, "-m", "assistant_forge.training", str(run)] + (["--resume"] if resume else [])
+    cmd = trainer_command(run, resume, run_config(run).train.processes)
     # 'starting' is written before the trainer exists, so it can never overwrite the trainer's 'running'.
     write_status(run, state="starting", reason="", resumed=resume)
     with open(run / "train.log", "ab") as log, open(os.devnull, "rb") as devnull:

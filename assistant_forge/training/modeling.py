@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from assistant_forge.core.config import ForgeConfig
@@ -79,7 +80,8 @@ def load_base(cfg: ForgeConfig, device: str, dtype: Any) -> Any:
         check_4bit_available(device)
         kwargs["quantization_config"] = quantization_config(cfg, dtype)
     if device == "cuda":
-        kwargs["device_map"] = {"": 0}
+        # One GPU per process: torchrun's LOCAL_RANK (0 in a single process).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:

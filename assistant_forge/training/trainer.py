@@ -33,7 +33,7 @@ from assistant_forge.core.runs import (
 )
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
-from assistant_forge.training import speed
+from assistant_forge.training import distributed, speed
 from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
 from assistant_forge.training.modeling import build_model, pick_device
 
@@ -151,19 +151,28 @@ class ForgeTrainer(Trainer):
         from transformers.trainer_utils import rotate_checkpoints
 
         root = Path(self.args.output_dir)
-        root.mkdir(parents=True, exist_ok=True)
+        main_rank = distributed.is_main()
         final = root / f"checkpoint-{self.state.global_step}"
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{self.state.global_step}-"))
+        staging = None
+        if main_rank:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{self.state.global_step}-"))
+        # Every process writes into rank 0's staging folder (each its own RNG state).
+        staging = Path(distributed.broadcast(str(staging) if staging else ""))
         self._staging = str(staging)
         try:
             super()._save_checkpoint(model, trial)
-            written = staging / final.name
-            atomic_write_json(written / COMPLETE_MARKER, {"step": self.state.global_step, "time": now_iso()})
-            _fsync_tree(written)
-            if final.exists():  # an incomplete leftover of the same step
-                shutil.rmtree(final)
-            os.replace(written, final)
-            _fsync(root)
+            distributed.barrier()
+            if main_rank:
+                written = staging / final.name
+                atomic_write_json(
+                    written / COMPLETE_MARKER, {"step": self.state.global_step, "time": now_iso()}
+                )
+                _fsync_tree(written)
+                if final.exists():  # an incomplete leftover of the same step
+                    shutil.rmtree(final)
+                os.replace(written, final)
+                _fsync(root)
         except Exception as e:
             disk_full = _as_disk_full(e, root)
             if disk_full is e:
@@ -171,7 +180,11 @@ class ForgeTrainer(Trainer):
             raise disk_full from e
         finally:
             self._staging = None
-            shutil.rmtree(staging, ignore_errors=True)
+            if main_rank:
+                shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()
+        if not main_rank:
+            return
         rotate_checkpoints(
             output_dir=str(root),
             save_total_limit=self.args.save_total_limit,
@@ -225,6 +238,7 @@ class RunCallback(TrainerCallback):
         self.start_step = 0
         self.last = (time.time(), 0)
         self.rows = rows
+        self.main = distributed.is_main()
 
     def _samples(self, model: Any, step: int, when: str) -> None:
         prompts = self.cfg.eval.prompts
@@ -240,6 +254,8 @@ class RunCallback(TrainerCallback):
             print(f"[sample step {step}] {p!r} -> {a!r}", flush=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if not self.main:
+            return
         self.start_step = state.global_step
         self.t0 = time.time()
         self.last = (self.t0, state.num_input_tokens_seen or 0)
@@ -249,7 +265,7 @@ class RunCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
         logs = logs or {}
-        if "loss" not in logs:
+        if "loss" not in logs or not self.main:
             return
         now = time.time()
         tokens = state.num_input_tokens_seen or 0
@@ -288,17 +304,20 @@ class RunCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         every = self.cfg.eval.sample_every
-        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+        if self.main and every and state.global_step % every == 0 and state.global_step < state.max_steps:
             self._samples(model, state.global_step, "during")
         if state.global_step >= state.max_steps:
             control.should_save = True  # the final step always leaves a checkpoint
+        # A stop reaches rank 0 (its pid is the run's); every process must stop at the same step.
+        StopRequested.flag = distributed.any_rank(StopRequested.flag)
         if StopRequested.flag:
-            write_status(self.run, state="stopping")
+            if self.main:
+                write_status(self.run, state="stopping")
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        if not StopRequested.flag:
+        if self.main and not StopRequested.flag:
             self._samples(model, state.global_step, "after")
 
 
@@ -373,6 +392,8 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen=True,
+        # Data parallel: every trainable (LoRA) weight gets a gradient each step; no search needed.
+        ddp_find_unused_parameters=False,
         **overrides,
     )  # gradient checkpointing is configured on the model in modeling.wrap_for_training
 
@@ -387,27 +408,36 @@ def train_run(run: Path, resume: bool = False) -> str:
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     device = pick_device(cfg)
+    distributed.init(device)
+    say = print if distributed.is_main() else _quiet
     records = load_many(cfg.data.files) + load_many(cfg.data.general_files)
     if not records:
         raise ForgeError("The config lists no training data; set data.files.")
-    print(f"loading {cfg.model.path} ({cfg.lora.method}) on {device}", flush=True)
+    say(f"loading {cfg.model.path} ({cfg.lora.method}) on {device}", flush=True)
+    if distributed.world_size() > 1:
+        say(f"data parallel: {distributed.world_size()} processes", flush=True)
     # Seeded before the model is built: LoRA's A matrices are drawn at wrap time, before the Trainer
     # seeds, so without this two runs of one config started from different adapters.
     set_seed(cfg.train.seed)
     model, tok = build_model(cfg)
-    replay = build_replay(run, cfg, model, tok)
+    # Rank 0 makes the replay answers (cached in the run); the others wait and read them.
+    replay = build_replay(run, cfg, model, tok) if distributed.is_main() else []
+    distributed.barrier()
+    if not distributed.is_main():
+        replay = build_replay(run, cfg, model, tok)
     records = mix_replay(records, replay, cfg.data.replay_ratio, cfg.train.seed)
     template = get_template(cfg.model.chat_template)
     samples = encode_records(tok, template, records, cfg.data.max_length, cfg.data.system_prompt)
     if not samples:
         raise ForgeError("No sample has an assistant token within data.max_length; nothing to learn from.")
     rows = pack(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)
-    print(
+    say(
         f"{len(records)} conversations ({len(replay)} replay answers available) -> {len(samples)} samples "
         f"-> {len(rows)} rows of <= {cfg.data.max_length} tokens",
         flush=True,
     )
-    remove_stale_staging(run / "checkpoints")
+    if distributed.is_main():
+        remove_stale_staging(run / "checkpoints")
     overrides: dict[str, Any] = {}
     optimizers: tuple[Any, Any] = (None, None)
     if speed.enabled(model, cfg):
@@ -420,7 +450,7 @@ def train_run(run: Path, resume: bool = False) -> str:
             ),
             None,
         )
-        print(f"fast path: {speed.report(model).as_dict()}", flush=True)
+        say(f"fast path: {speed.report(model).as_dict()}", flush=True)
     trainer = ForgeTrainer(
         model=model,
         args=training_args(run, cfg, device, **overrides),
@@ -433,7 +463,8 @@ def train_run(run: Path, resume: bool = False) -> str:
     checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     # Keep the tokenizer (with the pipeline's template) beside the newest checkpoint for `forge convert`.
-    tok.save_pretrained(run / "tokenizer")
+    if distributed.is_main():
+        tok.save_pretrained(run / "tokenizer")
     return "stopped" if StopRequested.flag else "finished"
 
 
@@ -443,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     resume = "--resume" in argv
     StopRequested.install()
     restrict_umask()
+    # With several processes (torchrun), rank 0 owns the run: the lock, status.json and the logs.
+    main_rank = distributed.is_main()
     lock = RunLock(run)
-    if not lock.acquire():
+    if main_rank and not lock.acquire():
         print(f"error: run directory {run} is in use by another trainer", file=sys.stderr)
         return 3
-    write_status(run, state="running", pid=_pid(), started=now_iso(), reason="", resumed=resume)
+    if main_rank:
+        write_status(run, state="running", pid=_pid(), started=now_iso(), reason="", resumed=resume)
     state, reason, code = "failed", "", 1
     try:
         state = train_run(run, resume)
@@ -463,15 +497,20 @@ def main(argv: list[str] | None = None) -> int:
             contextlib.suppress(OSError),
             open(run / ERROR_LOG, "a", encoding="utf-8") as f,
         ):  # the disk may be full
-            f.write(f"--- {now_iso()}\n{traceback.format_exc()}")
+            f.write(f"--- {now_iso()} (rank {distributed.rank()})\n{traceback.format_exc()}")
         with contextlib.suppress(OSError):
             print(f"the details of this failure are in {run / ERROR_LOG}", flush=True)
     finally:
-        write_status(run, state=state, reason=reason, ended=now_iso())
-        with contextlib.suppress(OSError):
-            print(f"run {state}" + (f": {reason}" if reason else ""), flush=True)
-        lock.release()
+        if main_rank:
+            write_status(run, state=state, reason=reason, ended=now_iso())
+            with contextlib.suppress(OSError):
+                print(f"run {state}" + (f": {reason}" if reason else ""), flush=True)
+            lock.release()
     return code
+
+
+def _quiet(*_args: Any, **_kw: Any) -> None:
+    """print() for processes other than rank 0: one copy of each line in train.log."""
 
 
 def _pid() -> int:
