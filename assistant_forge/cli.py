@@ -150,16 +150,6 @@ def follow_run(run: Path, quiet: bool = False) -> None:
         raise SystemExit(0) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return n
-
-
 def cmd_train(a: argparse.Namespace) -> int:
     from assistant_forge.core.presets import resolve_config
     from assistant_forge.core.runs import find_run, launch, new_run_dir, preflight, read_status
