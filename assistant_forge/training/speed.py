@@ -1,5 +1,5 @@
-"""forge's fast training path on a CUDA GPU: fused LoRA, fused cross-entropy, Liger kernels, and a
-gradient-checkpointing plan fitted to the memory budget.
+"""forge's fast training path on a CUDA GPU: fused LoRA, fused cross-entropy, compiled decoder
+layers (or Liger kernels), and a gradient-checkpointing plan fitted to the memory budget.
 
 Plugged in by `training.modeling.build_model`:
 
@@ -20,12 +20,16 @@ What each piece does, and why it is faster than the plain transformers + PEFT + 
 * Fused linear cross-entropy (`_LinearCrossEntropy`): logits are made a chunk of rows at a time,
   and the gradient for the hidden states is computed in the forward pass, so the fp32 logits
   (tokens x vocab x 4 bytes, 1 GiB at 8192 x 32000) never exist at once.
-* Liger's Triton RMSNorm, RoPE and SwiGLU kernels (liger-kernel, when installed).
+* Compiled decoder layers (`compile_layers`, `train.compile_layers`): torch.compile fuses norms,
+  RoPE, SwiGLU and residual adds and launches far fewer kernels from Python; the LoRA projection
+  stays one opaque custom op (`forge::lora_linear`) so the compiler cannot keep dense weights alive.
+  Without compiling: Liger's Triton RMSNorm, RoPE and SwiGLU kernels (when installed).
 * Checkpointing only as many decoder layers as the budget needs (`configure_checkpointing`,
   sized by `core.memory.fit_checkpointing`), and, in the low-memory plan, keeping checkpointed
   inputs in pinned host memory, copied on a side stream so the copies overlap compute.
 
-Everything here is a no-op on CPU or with `train.fused_kernels = false` (unless `force=True`).
+Everything here is a no-op on CPU or with `train.fused_kernels = false` (unless `force=True`,
+which tests/core/test_speed_path.py uses to check the math on a CPU).
 """
 
 from __future__ import annotations
