@@ -129,7 +129,9 @@ def test_hangup_of_the_starting_terminal_does_not_stop_training(tmp_path, run, d
         wait_for(lambda: step_reached(run, 1), 240, "training to start")
         os.close(master)  # the terminal goes away: the kernel hangs up its session
         os.killpg(proc.pid, signal.SIGHUP)  # and, for good measure, the whole process group of `forge train`
-        assert proc.wait(timeout=30) == -signal.SIGHUP  # the watcher died of it ...
+        # The watcher dies of it, or, when it was printing a step line just then, of the write
+        # error on the vanished terminal (exit 1; seen once in CI under load) ...
+        assert proc.wait(timeout=30) in (-signal.SIGHUP, 1)
     finally:
         if proc.poll() is None:
             proc.kill()
