@@ -337,7 +337,12 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with ctx:
-        answers = generate_answers(model, tok, template, convs, max_new_tokens=cfg.eval.max_new_tokens)
+        # On a CPU each decoding step reads every weight once whatever the batch, so one big batch is
+        # much faster (demo model, 71 prompts: 25 s instead of 36 s at 16, the same greedy answers).
+        batch = 64 if pick_device(cfg) == "cpu" else 16
+        answers = generate_answers(
+            model, tok, template, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
+        )
     # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
     # teach the model to stop mid-thought, which measurably shortened (and so changed) unrelated answers.
     limit = cfg.eval.max_new_tokens - 2  # decode/re-encode may differ by a token; a near-full answer counts
