@@ -9,12 +9,21 @@ from pathlib import Path
 import pytest
 from forge_testing import final_losses, forge, stop_if_alive, tiny_config, wait_for
 
+from assistant_forge.core.dataset import write_records
+from assistant_forge.core.identity import generate_identity_records
 from assistant_forge.core.runs import complete_checkpoints, read_jsonl, read_status
 
 pytestmark = pytest.mark.slow
 
 
 def config(tmp: Path, name: str, *, processes: int, grad_accum: int, max_steps: int, save_steps: int) -> Path:
+    if not (tmp / "data.jsonl").exists():
+        # 24 chats pack into 15 rows, more than the 12 that 6 steps of 2 rows take: every compared step
+        # stays inside the first epoch (at an epoch's end the distributed sampler pads, accumulation
+        # does not). tiny_config's 16 chats gave 11 rows once the English bank grew.
+        write_records(
+            generate_identity_records("Forgey", "Alice", langs=["en"], count=24), tmp / "data.jsonl"
+        )
     path = tiny_config(tmp, max_steps, save_steps=save_steps, name=name)
     text = path.read_text().replace("grad_accum = 1", f"grad_accum = {grad_accum}")
     text = text.replace("cpu_threads = 1", f'cpu_threads = 1\nprocesses = {processes}\ndevice = "cpu"')
