@@ -7,7 +7,8 @@ model body runs as before, the hidden states are gathered where the shifted labe
 only those rows go through the head and the cross-entropy: the same loss (transformers'
 ForCausalLMLoss: fp32 logits, sum / num_items_in_batch or mean), the same gradients, less work.
 
-The GPU fast path (training.speed) has its own fused loss; this one is for models on the CPU.
+The GPU fast path (training.speed) plugs its chunked fused loss into the same forward
+(`install_loss`); this loss is for models on the CPU.
 Generation and evaluation (no labels, or not training) take the model's own forward untouched.
 """
 
@@ -48,11 +49,12 @@ def labeled_cross_entropy(
     return loss / num_items_in_batch
 
 
-def _labeled_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
-    """*ForCausalLM.forward that, when training with labels, returns the loss without full logits."""
+def loss_only_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    """*ForCausalLM.forward that, when training with labels, returns `self._forge_loss`'s loss of the
+    body's hidden states and no logits; anything else (generation, eval) takes the model's own."""
     import torch
 
-    orig = self._forge_orig_forward_cpu
+    orig = self._forge_plain_forward
     if labels is None or not self.training or not torch.is_grad_enabled():
         return orig(*args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -61,23 +63,37 @@ def _labeled_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("logits_to_keep", None)
     outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
-    loss = labeled_cross_entropy(
-        outputs[0], self.lm_head, labels, shift_labels=shift_labels, num_items_in_batch=num_items
-    )
+    loss = self._forge_loss(outputs[0], self, labels, shift_labels, num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
-def patch_labeled_loss(model: Any) -> bool:
-    """Give a (not yet PEFT-wrapped) *ForCausalLM the labelled-positions-only loss; False if it cannot."""
+def install_loss(model: Any, loss: Any, *, needs_bias_free_head: bool = False) -> str | None:
+    """Route a (not yet PEFT-wrapped) *ForCausalLM's training forward through
+    `loss(hidden, model, labels, shift_labels, num_items_in_batch)`. Returns None, or why it cannot."""
     import torch
 
     head = getattr(model, "lm_head", None)
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(head, torch.nn.Linear) or body is None or body is model:
-        return False
-    if any(getattr(model.config, a, None) not in (None, 1, 1.0) for a in _LOGIT_SCALING):
-        return False
-    if not hasattr(model, "_forge_orig_forward_cpu"):
-        model._forge_orig_forward_cpu = model.forward
-        model.forward = types.MethodType(_labeled_forward, model)
-    return True
+        return "no plain lm_head"
+    if needs_bias_free_head and head.bias is not None:
+        return "the lm_head has a bias"
+    for attr in _LOGIT_SCALING:
+        if getattr(model.config, attr, None) not in (None, 1, 1.0):
+            return f"model scales logits ({attr})"
+    if "_forge_plain_forward" not in model.__dict__:
+        model._forge_plain_forward = model.forward
+        model.forward = types.MethodType(loss_only_forward, model)
+    model._forge_loss = loss
+    return None
+
+
+def _labeled_loss(hidden: Any, model: Any, labels: Any, shift_labels: Any, num_items: Any) -> Any:
+    return labeled_cross_entropy(
+        hidden, model.lm_head, labels, shift_labels=shift_labels, num_items_in_batch=num_items
+    )
+
+
+def patch_labeled_loss(model: Any) -> bool:
+    """Give a (not yet PEFT-wrapped) *ForCausalLM the labelled-positions-only loss; False if it cannot."""
+    return install_loss(model, _labeled_loss) is None

@@ -573,44 +573,19 @@ def fused_linear_cross_entropy(
     return _ce_fn().apply(h, weight, y, denom)
 
 
-def _fused_loss_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
-    """*ForCausalLM.forward that, when training with labels, returns the loss without logits."""
-    import torch
-
-    orig = self._forge_orig_forward
-    if labels is None or not self.training or not torch.is_grad_enabled() or not self._forge_fused_loss:
-        return orig(*args, labels=labels, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    num_items = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    kwargs.pop("logits_to_keep", None)
-    outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
-    hidden = outputs[0]
-    loss = fused_linear_cross_entropy(
-        hidden, self.lm_head.weight, labels, shift_labels=shift_labels, num_items_in_batch=num_items
+def _fused_loss(hidden: Any, model: Any, labels: Any, shift_labels: Any, num_items: Any) -> Any:
+    return fused_linear_cross_entropy(
+        hidden, model.lm_head.weight, labels, shift_labels=shift_labels, num_items_in_batch=num_items
     )
-    return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
 def _patch_fused_loss(model: Any, rep: SpeedReport) -> bool:
-    import torch
+    from assistant_forge.training.labeled_loss import install_loss
 
-    cfg = model.config
-    head = getattr(model, "lm_head", None)
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or base is None:
-        rep.notes.append("fused loss skipped: no plain lm_head")
-        return False
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            rep.notes.append(f"fused loss skipped: model scales logits ({attr})")
-            return False
-    if not hasattr(model, "_forge_orig_forward"):
-        model._forge_orig_forward = model.forward
-        model.forward = types.MethodType(_fused_loss_forward, model)
-    model._forge_fused_loss = True
-    return True
+    why = install_loss(model, _fused_loss, needs_bias_free_head=True)
+    if why:
+        rep.notes.append(f"fused loss skipped: {why}")
+    return why is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def demo_lora(torch_one_thread):
 
 def _loss_and_grads(torch, model, batch, fast: bool, num_items=None):
     base = model.get_base_model()
-    forward = base.forward if fast else base._forge_orig_forward_cpu
+    forward = base.forward if fast else base._forge_plain_forward
     model.train()
     model.zero_grad()
     kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
