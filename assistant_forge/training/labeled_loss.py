@@ -22,6 +22,16 @@ IGNORE_INDEX = -100
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def flat_targets(hidden: Any, labels: Any | None, shift_labels: Any | None) -> tuple[Any, Any]:
+    """Hidden states as (tokens, dim) and each one's target: the next token's label (-100: none)."""
+    from torch.nn import functional as F
+
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    return h, shift_labels.reshape(-1).to(h.device)
+
+
 def labeled_cross_entropy(
     hidden: Any,
     head: Any,
@@ -34,10 +44,7 @@ def labeled_cross_entropy(
     import torch
     from torch.nn import functional as F
 
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = shift_labels.reshape(-1).to(h.device)
+    h, y = flat_targets(hidden, labels, shift_labels)
     keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
     logits = head(h.index_select(0, keep)).float()
     target = y.index_select(0, keep)

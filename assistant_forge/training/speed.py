@@ -563,10 +563,9 @@ def fused_linear_cross_entropy(
     of `hidden @ weight.T`, without materialising the logits."""
     import torch
 
-    if shift_labels is None:
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = shift_labels.reshape(-1).to(h.device)
+    from assistant_forge.training.labeled_loss import flat_targets
+
+    h, y = flat_targets(hidden, labels, shift_labels)
     denom = num_items_in_batch
     if isinstance(denom, torch.Tensor):
         denom = denom.to(h.device)
