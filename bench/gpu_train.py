@@ -136,13 +136,6 @@ def forge_config(ckpt: str, seq: int, dropout: float, compiled: bool = True) -> 
     return cfg
 
 
-def step_loss(model: Any, ids: Any) -> float:
-    out = model(input_ids=ids, labels=ids)
-    loss = out.loss.item()
-    out.loss.backward()
-    return loss
-
-
 def build_forge(cfg: Any, ref_ids: Any) -> tuple[Any, dict[str, Any]]:
     """forge's model via training.modeling when it imports; info has the unpatched reference loss."""
     import torch
@@ -254,18 +247,14 @@ def train_steps(
         ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=g)
         torch.cuda.synchronize()
         t0 = time.time()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = one_step(model, opt, params, ids)
         torch.cuda.synchronize()
         if step == 1:
             gc_pause[0] = 0.0  # count only the timed steps
         if step >= 2:
             times.append(time.time() - t0)
-        losses.append(out.loss.item())
-        del out
+        losses.append(loss.item())
+        del loss
     gc.callbacks.remove(on_gc)
     res = {
         "step_s_median": round(statistics.median(sorted(times)), 4),
@@ -286,6 +275,18 @@ def train_steps(
     return res
 
 
+def one_step(model: Any, opt: Any, params: Any, ids: Any) -> Any:
+    """The peer's step: forward with labels = ids, backward, clip to 1.0, update. Returns the loss."""
+    import torch
+
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.detach()
+
+
 def profile_steps(model: Any, opt: Any, params: Any, vocab: int, seq: int, path: Path) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -293,12 +294,7 @@ def profile_steps(model: Any, opt: Any, params: Any, vocab: int, seq: int, path:
     g = torch.Generator(device="cuda").manual_seed(1)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=g)
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            one_step(model, opt, params, torch.randint(0, vocab, (1, seq), device="cuda", generator=g))
         torch.cuda.synchronize()
     avg = prof.key_averages()
     table = avg.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
