@@ -730,7 +730,7 @@ def _uses_rng(model: Any) -> bool:
 
 
 def _make_checkpoint_func(offload: bool, rng: bool = True) -> Any:
-    """The `_gradient_checkpointing_func` transformers calls as f(partial(layer, **kw), *args)."""
+    """The checkpoint _layer_forward calls as f(partial(layer forward, **kw), hidden)."""
     import torch
 
     # The reentrant-style path needs a layer that returns one tensor; the first call goes through
