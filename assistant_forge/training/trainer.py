@@ -28,6 +28,7 @@ from assistant_forge.core.runs import (
     complete_checkpoints,
     now_iso,
     read_jsonl,
+    read_status,
     run_config,
     write_status,
 )
@@ -484,6 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     lock = RunLock(run)
     if main_rank and not lock.acquire():
         print(f"error: run directory {run} is in use by another trainer", file=sys.stderr)
+        return 3
+    # A trainer that lost the race for the lock by a whole run must not train the finished run again.
+    if main_rank and not resume and read_status(run).get("started"):
+        lock.release()
+        print(
+            f"error: run directory {run} was already trained by another trainer; "
+            "continue it with `forge train --resume`",
+            file=sys.stderr,
+        )
         return 3
     if main_rank:
         write_status(run, state="running", pid=_pid(), started=now_iso(), reason="", resumed=resume)
