@@ -157,11 +157,17 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.resume:
         if a.gpus:
             raise ForgeError("--gpus applies to new runs; a resumed run keeps the processes it started with.")
+        if a.zero is not None:
+            raise ForgeError(
+                "--zero applies to new runs; a resumed run keeps the ZeRO stage it started with."
+            )
         run = find_run(a.run_dir or a.config)
     else:
         cfg, _ = resolve_config(a.config)
         if a.gpus:
             cfg.train.processes = a.gpus
+        if a.zero is not None:
+            cfg.train.zero_stage = a.zero
         preflight(cfg)
         if cfg.model.trust_remote_code:
             print("warning: trust_remote_code is on: the model's own Python code will run.", file=sys.stderr)
@@ -465,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="data-parallel over N GPUs, one process each via torchrun (sets train.processes)",
+    )
+    sp.add_argument(
+        "--zero",
+        type=int,
+        choices=[0, 2, 3],
+        help="DeepSpeed ZeRO stage across the --gpus processes: 2 shards optimizer state and gradients, "
+        "3 also the weights, 0 plain data parallel (sets train.zero_stage)",
     )
 
     rn = sub.add_parser("runs", help="list, inspect, follow and stop runs")

@@ -130,3 +130,15 @@ def test_gpus_beyond_the_machine(tmp_path):
 
 def test_gpus_cannot_change_on_resume(tmp_path):
     one_line_error(forge("train", "--resume", str(tmp_path), "--gpus", "2"), r"--gpus applies to new runs")
+
+
+def test_zero_needs_several_processes_and_a_new_run(tmp_path):
+    cfg = write_cfg(
+        tmp_path, '[data]\nfiles = ["data.jsonl"]\n[lora]\nmethod = "lora"\n[train]\ndevice = "cpu"\n'
+    )
+    one_line_error(
+        forge("train", str(cfg), "--zero", "2"),
+        r"train.zero_stage = 2 shards training state across processes; it needs train.processes",
+    )
+    assert not list(tmp_path.glob("*/status.json"))  # nothing was started
+    one_line_error(forge("train", "--resume", str(tmp_path), "--zero", "3"), r"--zero applies to new runs")

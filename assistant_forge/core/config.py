@@ -112,6 +112,12 @@ class TrainSection(_Section):
         le=64,
         description="data-parallel processes, one GPU each (forge train --gpus N); on device = cpu, CPU processes",
     )
+    # No stage 1: it shards only the optimizer state, which stage 2 shards too, along with the gradients.
+    zero_stage: Literal[0, 2, 3] = Field(
+        0,
+        description="DeepSpeed ZeRO across the processes (forge train --zero 2|3): 2 shards optimizer state "
+        "and gradients, 3 also the weights; 0: plain data parallel",
+    )
 
 
 class EvalSection(_Section):

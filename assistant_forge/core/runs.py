@@ -237,6 +237,26 @@ def preflight(cfg: ForgeConfig) -> None:
                 + ('; to run CPU processes set train.device = "cpu"' if not have else "")
                 + "."
             )
+    zero_preflight(cfg)
+
+
+def zero_preflight(cfg: ForgeConfig) -> None:
+    """A ZeRO stage needs processes to shard across, and DeepSpeed to do it."""
+    stage = cfg.train.zero_stage
+    if not stage:
+        return
+    if cfg.train.processes < 2:
+        raise ForgeError(
+            f"train.zero_stage = {stage} shards training state across processes; it needs "
+            "train.processes (forge train --gpus N) of 2 or more."
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ForgeError(
+            f"train.zero_stage = {stage} needs DeepSpeed, which is not installed here; "
+            "install it with pip install 'assistant-forge[multigpu]' (or pip install deepspeed)."
+        )
 
 
 def run_config(run: Path) -> ForgeConfig:

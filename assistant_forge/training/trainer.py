@@ -31,10 +31,11 @@ from assistant_forge.core.runs import (
     read_status,
     run_config,
     write_status,
+    zero_preflight,
 )
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
-from assistant_forge.training import distributed, speed
+from assistant_forge.training import distributed, speed, zero
 from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
 from assistant_forge.training.modeling import build_model, pick_device
 
@@ -240,13 +241,20 @@ class RunCallback(TrainerCallback):
         self.last = (time.time(), 0)
         self.rows = rows
         self.main = distributed.is_main()
+        # Under ZeRO-3 each process holds a slice of every weight, so generating needs them all
+        # (transformers syncs their steps); rank 0 alone would wait forever for the others' slices.
+        self.samples_here = self.main or (
+            distributed.world_size() > 1 and zero.shards_weights(cfg.train.zero_stage)
+        )
 
     def _samples(self, model: Any, step: int, when: str) -> None:
         prompts = self.cfg.eval.prompts
-        if not prompts:
+        if not prompts or not self.samples_here:
             return
         convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
         answers = generate_answers(model, self.tok, self.template, convs, self.cfg.eval.max_new_tokens)
+        if not self.main:
+            return
         for p, a in zip(prompts, answers):
             append_jsonl(
                 self.run / "samples.jsonl",
@@ -255,12 +263,11 @@ class RunCallback(TrainerCallback):
             print(f"[sample step {step}] {p!r} -> {a!r}", flush=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        if not self.main:
-            return
-        self.start_step = state.global_step
-        self.t0 = time.time()
-        self.last = (self.t0, state.num_input_tokens_seen or 0)
-        write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps)
+        if self.main:
+            self.start_step = state.global_step
+            self.t0 = time.time()
+            self.last = (self.t0, state.num_input_tokens_seen or 0)
+            write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps)
         if state.global_step == 0:
             self._samples(model, 0, "before")
 
@@ -305,7 +312,7 @@ class RunCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         every = self.cfg.eval.sample_every
-        if self.main and every and state.global_step % every == 0 and state.global_step < state.max_steps:
+        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
             self._samples(model, state.global_step, "during")
         if state.global_step >= state.max_steps:
             control.should_save = True  # the final step always leaves a checkpoint
@@ -318,7 +325,7 @@ class RunCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        if self.main and not StopRequested.flag:
+        if not StopRequested.flag:  # agreed by every process at the last step's end
             self._samples(model, state.global_step, "after")
 
 
@@ -372,6 +379,8 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
         else "adamw_torch"
     )
     optim = overrides.pop("optim", optim)  # the fast path may move a paged optimizer on-device
+    if t.zero_stage:
+        optim = zero.optimizer(optim)
     return TrainingArguments(
         output_dir=str(run / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
@@ -411,6 +420,9 @@ def train_run(run: Path, resume: bool = False) -> str:
 
     quiet_transformers()  # progress bars make train.log unreadable; events.jsonl has the progress
     cfg = run_config(run)
+    zero_preflight(
+        cfg
+    )  # also for a trainer started without `forge train` (python -m assistant_forge.training)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     device = pick_device(cfg)
@@ -420,8 +432,10 @@ def train_run(run: Path, resume: bool = False) -> str:
     if not records:
         raise ForgeError("The config lists no training data; set data.files.")
     say(f"loading {cfg.model.path} ({cfg.lora.method}) on {device}", flush=True)
+    stage = cfg.train.zero_stage
     if distributed.world_size() > 1:
-        say(f"data parallel: {distributed.world_size()} processes", flush=True)
+        sharding = f", DeepSpeed ZeRO-{stage}" if stage else ""
+        say(f"data parallel: {distributed.world_size()} processes{sharding}", flush=True)
     # Seeded before the model is built: LoRA's A matrices are drawn at wrap time, before the Trainer
     # seeds, so without this two runs of one config started from different adapters.
     set_seed(cfg.train.seed)
@@ -457,6 +471,12 @@ def train_run(run: Path, resume: bool = False) -> str:
             None,
         )
         say(f"fast path: {speed.report(model).as_dict()}", flush=True)
+    if stage:
+        # Made after the model is loaded, so transformers loads it whole in each process (no
+        # zero.Init): the replay answers above came from the whole model, and DeepSpeed shards it
+        # when the Trainer starts. The price: each process must fit the (4-bit) model once.
+        zero.prepare(device)
+        overrides["deepspeed"] = zero.deepspeed_config(stage)
     trainer = ForgeTrainer(
         model=model,
         args=training_args(run, cfg, device, **overrides),

@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,21 @@ def test_preset_typo_suggests_names():
 
 def test_defaults_are_valid():
     assert ForgeConfig().lora.method == "qlora"
+
+
+def test_zero_stage_is_0_2_or_3_and_needs_processes_and_deepspeed(monkeypatch):
+    from assistant_forge.core import runs
+
+    assert ForgeConfig().train.zero_stage == 0
+    with pytest.raises(ForgeError, match=r"train.zero_stage = 1: Input should be 0, 2 or 3"):
+        parse_config({"train": {"zero_stage": 1}})
+    cfg = parse_config({"train": {"zero_stage": 3}})
+    with pytest.raises(ForgeError, match=r"zero_stage = 3 shards .* needs train.processes .* 2 or more\.$"):
+        runs.zero_preflight(cfg)
+    cfg.train.processes = 2
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(ForgeError, match=r"zero_stage = 3 needs DeepSpeed, which is not installed here"):
+        runs.zero_preflight(cfg)
