@@ -420,9 +420,8 @@ def train_run(run: Path, resume: bool = False) -> str:
 
     quiet_transformers()  # progress bars make train.log unreadable; events.jsonl has the progress
     cfg = run_config(run)
-    zero_preflight(
-        cfg
-    )  # also for a trainer started without `forge train` (python -m assistant_forge.training)
+    # Also for a trainer started without `forge train` (python -m assistant_forge.training).
+    zero_preflight(cfg)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     device = pick_device(cfg)
