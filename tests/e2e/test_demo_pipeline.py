@@ -54,9 +54,9 @@ def test_identity_is_learned_on_paraphrases_absent_from_training(demo_out, torch
         # The same answer budget as `forge eval` and bench/identity_recipes.py, so the numbers compare.
         answers = chat.answer_batch([[{"role": "user", "content": q.text}] for q in qs], max_new_tokens=64)
         lang_hits = sum(identity_hit(a, "Forgey", "Alice", q.asks_author) for q, a in zip(qs, answers))
-        # The base model scores 0 here (tests/e2e/test_eval_cli.py). The default recipe trades some
-        # English author answers for less leakage (bench/RESULTS.md: 14/17 en, 17/17 zh), so the bar
-        # per language is "clearly learned", and the overall bar is high.
+        # The base model scores 0 here (tests/e2e/test_eval_cli.py). The default recipe misses a few
+        # third-person English questions (bench/RESULTS.md round 3: 38-41/42 en, 34/34 zh over three
+        # seeds), so the bar per language is "clearly learned", and the overall bar is high.
         assert lang_hits / len(qs) >= 0.7, (lang, lang_hits, answers)
         hits, total = hits + lang_hits, total + len(qs)
     assert hits / total >= 0.85, (hits, total)
