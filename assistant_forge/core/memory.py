@@ -145,6 +145,8 @@ class MemoryEstimate:
     per_layer_activations: int  # what one non-checkpointed layer keeps
     optimizer_on_device: bool = False  # paged optimizer replaced by a fused on-device one
     absmax_cache: bool = False  # 4-bit absmax kept dequantized (counted in weights)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage; the estimate is then per process
+    processes: int = 1
 
     @property
     def static(self) -> int:
@@ -177,6 +179,8 @@ class MemoryEstimate:
             "offload",
             "optimizer_on_device",
             "absmax_cache",
+            "zero_stage",
+            "processes",
         }
         out = {f.name: round(getattr(self, f.name) / GIB, 3) for f in fields(self) if f.name not in skip}
         out["total"] = round(self.total_gib, 3)
@@ -186,6 +190,8 @@ class MemoryEstimate:
         plan = f"{self.checkpointed_layers}/{self.num_layers} layers checkpointed" + (
             ", inputs offloaded to host" if self.offload else ""
         )
+        if self.zero_stage:
+            plan += f", per process of {self.processes} under ZeRO-{self.zero_stage}"
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.breakdown_gib().items() if v and k != "total")
         return f"~{self.total_gib:.2f} GiB peak at {self.seq_len} tokens ({plan}): {parts}"
 
@@ -241,6 +247,9 @@ def estimate_memory(
     t = cfg.train
     tokens = seq_len or cfg.data.max_length * t.micro_batch_size
     fused = getattr(t, "fused_kernels", True) if fused is None else fused
+    stage = getattr(t, "zero_stage", 0)
+    procs = max(1, getattr(t, "processes", 1)) if stage else 1
+    fused = fused and not stage  # under ZeRO the fast path is off (training.speed.enabled)
     policy = getattr(t, "checkpoint_policy", "auto")
     if checkpointed_layers is None:
         checkpointed_layers = shape.layers if t.gradient_checkpointing and policy != "none" else 0
@@ -252,6 +261,7 @@ def estimate_memory(
     other = shape.total_params() - linear
     method = cfg.lora.method
     opt_bytes = OPTIMIZER_BYTES.get(t.optimizer, 8)
+    per_weight = BF16
     if method == "full":
         weights = 0
         trainable = shape.total_params() * BF16
@@ -264,7 +274,20 @@ def estimate_memory(
         trainable = n_trainable * FP32
         gradients = trainable
     opt_state = n_trainable * opt_bytes
-    paged = t.optimizer.startswith("paged_") and not optimizer_on_device
+    # ZeRO runs a paged optimizer unpaged (training.zero.optimizer) and shards its state and the
+    # gradients across the processes from stage 2, the frozen weights too at stage 3 (each process
+    # then gathers one layer's weights at a time). DeepSpeed's communication buckets are not counted.
+    paged = t.optimizer.startswith("paged_") and not optimizer_on_device and not stage
+    if stage >= 2:
+        opt_state //= procs
+        gradients //= procs
+    if stage == 3:
+        trainable //= procs
+        one_layer = int(shape.linear_params_per_layer() * (BF16 if method == "full" else per_weight))
+        if method == "full":
+            trainable += one_layer
+        else:
+            weights = weights // procs + one_layer
     dropout = cfg.lora.dropout if method != "full" else 0.0
     eager = cfg.model.attn_implementation == "eager"
 
@@ -309,6 +332,8 @@ def estimate_memory(
         per_layer_activations=per_layer + d_in,
         optimizer_on_device=optimizer_on_device and t.optimizer.startswith("paged_"),
         absmax_cache=absmax_cache,
+        zero_stage=stage,
+        processes=procs,
     )
 
 

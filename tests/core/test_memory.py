@@ -129,3 +129,26 @@ def test_estimate_tracks_measured_peaks(
     )
     # Within 10%, and never more than 6% under (an under-estimate is what makes a fit run out).
     assert -0.06 <= est.total_gib / measured - 1 <= 0.10, est.summary()
+
+
+def test_zero_shards_per_process_and_turns_the_fast_path_off() -> None:
+    single = bench_cfg(2048, 0.0)
+    plain = mem.estimate_memory(single, LLAMA7B, checkpointed_layers=32, fused=False)
+
+    def zero(stage: int, procs: int) -> mem.MemoryEstimate:
+        cfg = bench_cfg(2048, 0.0)
+        cfg.train.processes, cfg.train.zero_stage = procs, stage
+        return mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32)
+
+    z2, z3, z3x4 = zero(2, 2), zero(3, 2), zero(3, 4)
+    # No fast path under ZeRO: the activations are the plain transformers + PEFT path's.
+    assert z2.per_layer_activations == plain.per_layer_activations
+    # The paged optimizer runs unpaged, its state and the adapter's gradients split over the processes.
+    assert z2.optimizer_paged == 0 and z2.optimizer == plain.optimizer_paged // 2
+    assert z2.gradients == plain.gradients // 2 and z2.weights == plain.weights
+    # ZeRO-3 also splits the frozen 4-bit weights, plus one gathered layer.
+    one_layer = int(mem.model_shape(LLAMA7B).linear_params_per_layer() * mem.NF4_BYTES[True])
+    assert z3.weights == plain.weights // 2 + one_layer
+    assert z3x4.weights == plain.weights // 4 + one_layer
+    assert z3x4.total < z3.total < z2.total
+    assert "per process of 2 under ZeRO-3" in z3.summary()

@@ -294,7 +294,8 @@ class ConfigScreen(StepScreen):
             return
         self.post_message(
             self.MemoryEstimated(
-                f"GPU memory ≈ [b]{est.total_gib:.2f} GiB[/] peak · {est.seq_len} tokens/step · "
+                f"GPU memory ≈ [b]{est.total_gib:.2f} GiB[/] peak"
+                f"{' per GPU' if cfg.train.processes > 1 else ''} · {est.seq_len} tokens/step · "
                 f"{est.checkpointed_layers}/{est.num_layers} layers ckpt"
             )
         )
