@@ -246,10 +246,9 @@ def estimate_memory(
     shape = model_shape(model_config)
     t = cfg.train
     tokens = seq_len or cfg.data.max_length * t.micro_batch_size
-    fused = getattr(t, "fused_kernels", True) if fused is None else fused
     stage = getattr(t, "zero_stage", 0)
     procs = max(1, getattr(t, "processes", 1)) if stage else 1
-    fused = fused and not stage  # under ZeRO the fast path is off (training.speed.enabled)
+    fused = fast_path_configured(cfg) if fused is None else fused and not stage
     policy = getattr(t, "checkpoint_policy", "auto")
     if checkpointed_layers is None:
         checkpointed_layers = shape.layers if t.gradient_checkpointing and policy != "none" else 0
@@ -337,9 +336,17 @@ def estimate_memory(
     )
 
 
+def fast_path_configured(cfg: ForgeConfig) -> bool:
+    """Whether the config lets forge's GPU fast path run (training.speed.enabled adds: on CUDA).
+
+    Under DeepSpeed ZeRO it is off: DeepSpeed partitions and steps the weights the fast path reworks.
+    """
+    return bool(getattr(cfg.train, "fused_kernels", True)) and not getattr(cfg.train, "zero_stage", 0)
+
+
 def compiled_layers(cfg: ForgeConfig, fused: bool | None = None) -> bool:
     """Whether the fast path compiles the decoder layers (training.speed.compile_layers)."""
-    fused = getattr(cfg.train, "fused_kernels", True) if fused is None else fused
+    fused = fast_path_configured(cfg) if fused is None else fused
     return bool(fused and cfg.lora.method != "full" and getattr(cfg.train, "compile_layers", True))
 
 
@@ -365,7 +372,7 @@ def fit_checkpointing(
     """
     layers = model_shape(model_config).layers
     budget = int(budget_bytes * margin)
-    fused = getattr(cfg.train, "fused_kernels", True) if fused is None else fused
+    fused = fast_path_configured(cfg) if fused is None else fused
 
     def est(n: int, off: bool, dev_opt: bool, absmax: bool = True) -> MemoryEstimate:
         return estimate_memory(

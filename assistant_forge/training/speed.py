@@ -94,14 +94,12 @@ def report(model: Any) -> SpeedReport:
 
 def enabled(model: Any, cfg: ForgeConfig) -> bool:
     """The fast path applies to CUDA models with train.fused_kernels on, without ZeRO."""
-    if not getattr(cfg.train, "fused_kernels", True):
-        return False
     # Under DeepSpeed ZeRO the fast path would fight DeepSpeed for the same things: its flat
     # optimizer buffer (FlatParams) re-points the LoRA weights that ZeRO partitions and steps
     # itself, its checkpointing plan is fitted to one GPU holding every weight, and under ZeRO-3
     # its fused LoRA op and compiled layers would read weights that DeepSpeed has released to
     # other processes. ZeRO runs take the plain transformers + PEFT path.
-    if getattr(cfg.train, "zero_stage", 0):
+    if not mem.fast_path_configured(cfg):
         return False
     try:
         return next(_unwrap(model).parameters()).device.type == "cuda"
