@@ -280,9 +280,9 @@ def estimate_memory(
     if stage >= 2:
         opt_state //= procs
         gradients //= procs
-    if stage == 3:
+    if stage == 3:  # each process keeps its share, plus the one layer it has gathered
+        one_layer = int(shape.linear_params_per_layer() * per_weight)
         trainable //= procs
-        one_layer = int(shape.linear_params_per_layer() * (BF16 if method == "full" else per_weight))
         if method == "full":
             trainable += one_layer
         else:
