@@ -502,19 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     # With several processes (torchrun), rank 0 owns the run: the lock, status.json and the logs.
     main_rank = distributed.is_main()
     lock = RunLock(run)
-    if main_rank and not lock.acquire():
-        print(f"error: run directory {run} is in use by another trainer", file=sys.stderr)
-        return 3
-    # A trainer that lost the race for the lock by a whole run must not train the finished run again.
-    if main_rank and not resume and read_status(run).get("started"):
-        lock.release()
-        print(
-            f"error: run directory {run} was already trained by another trainer; "
-            "continue it with `forge train --resume`",
-            file=sys.stderr,
-        )
-        return 3
     if main_rank:
+        if not lock.acquire():
+            return _refuse(f"run directory {run} is in use by another trainer")
+        # A trainer that lost the race for the lock by a whole run must not train the finished run again.
+        if not resume and read_status(run).get("started"):
+            lock.release()
+            return _refuse(
+                f"run directory {run} was already trained by another trainer; "
+                "continue it with `forge train --resume`"
+            )
         write_status(run, state="running", pid=_pid(), started=now_iso(), reason="", resumed=resume)
     state, reason, code = "failed", "", 1
     try:
@@ -541,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {state}" + (f": {reason}" if reason else ""), flush=True)
             lock.release()
     return code
+
+
+def _refuse(why: str) -> int:
+    """A trainer that must not touch this run: one line on stderr, exit status 3."""
+    print(f"error: {why}", file=sys.stderr)
+    return 3
 
 
 def _quiet(*_args: Any, **_kw: Any) -> None:
