@@ -349,6 +349,8 @@ def run_forge(
             variants: list[tuple[str, dict[str, Any]]] = []
             if peer_peak:
                 variants.append(("auto@peer", {"budget_bytes": int(peer_peak * GIB)}))
+                # The same plan with one fused op per projection (no q/k/v, gate/up groups).
+                variants.append(("auto@peer-1by1", {"budget_bytes": int(peer_peak * GIB), "group": False}))
             variants += [
                 ("all", {"policy": "all"}),
                 ("all+devopt", {"policy": "all", "optimizer_on_device": True}),
@@ -370,8 +372,11 @@ def run_forge(
                     "variant": f"{name} {mode}",
                 }
                 norm = kw.pop("norm", None)
+                group = kw.pop("group", True)
                 try:
                     reset_adapters(model, dropout)
+                    if not group:
+                        speed.patch_lora_layers(model, group=False)
                     if norm:
                         speed.set_rms_norm_impl(model, norm)
                     est = speed.configure_checkpointing(model, cfg, seq_len=seq, **kw)
@@ -398,6 +403,8 @@ def run_forge(
                     torch.cuda.empty_cache()
                 if norm:
                     speed.set_rms_norm_impl(model, "liger")
+                if not group:
+                    speed.patch_lora_layers(model)
                 emit(out, rec)
     # How good the estimate is at other plans of the same model is in the records above.
     _ = mem
@@ -424,6 +431,24 @@ def run_forge(
 # --------------------------------------------------------------------------------------------
 
 
+def make_base(din: int, dout: int, quant: bool, dev: str) -> Any:
+    """A bf16 linear, or the same weights as a bitsandbytes NF4 (double-quant) linear."""
+    import torch
+
+    lin = torch.nn.Linear(din, dout, bias=False, dtype=torch.bfloat16, device=dev)
+    if not quant:
+        return lin
+    import bitsandbytes as bnb
+
+    base = bnb.nn.Linear4bit(
+        din, dout, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+    )
+    base.weight = bnb.nn.Params4bit(
+        lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
+    return base.to(dev)
+
+
 def check(out: Path | None) -> bool:
     import torch
 
@@ -437,49 +462,39 @@ def check(out: Path | None) -> bool:
         return float((a.double() - b.double()).norm() / b.double().norm())
 
     for quant in [False, True] if dev == "cuda" else [False]:
-        for p in (0.0, 0.1):
+        for n, p in ((1, 0.0), (1, 0.1), (3, 0.0), (3, 0.1)):
+            # n = 3: a q/k/v-like group (rows dout, dout/2, dout/2), run as one op.
             torch.manual_seed(1)
             din, dout, r, m_tok = (1024, 768, 64, 777) if dev == "cuda" else (256, 192, 16, 99)
-            lin = torch.nn.Linear(din, dout, bias=False, dtype=torch.bfloat16, device=dev)
-            base: Any = lin
-            if quant:
-                import bitsandbytes as bnb
-
-                base = bnb.nn.Linear4bit(
-                    din,
-                    dout,
-                    bias=False,
-                    compute_dtype=torch.bfloat16,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
-                base.weight = bnb.nn.Params4bit(
-                    lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
-                )
-                base = base.to(dev)
-            w_dense = speed._dense_weight(base, torch.bfloat16).double()
+            outs = [dout] if n == 1 else [dout, dout // 2, dout // 2]
+            bases = [make_base(din, o, quant, dev) for o in outs]
+            w_dense = torch.cat([speed._dense_weight(base, torch.bfloat16).double() for base in bases])
             x = torch.randn(2, m_tok, din, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            a = (torch.randn(r, din, device=dev) * 0.05).requires_grad_(True)
-            b = (torch.randn(dout, r, device=dev) * 0.05).requires_grad_(True)
+            a = (torch.randn(n * r, din, device=dev) * 0.05).requires_grad_(True)
+            bs = [(torch.randn(o, r, device=dev) * 0.05).requires_grad_(True) for o in outs]
             torch.manual_seed(7)
-            y = speed.lora_linear(x, base, a, b, 0.25, p)
+            y = speed.lora_linear(x, bases if n > 1 else bases[0], a, torch.block_diag(*bs), 0.25, p)
             gy = torch.randn_like(y)
-            gx, ga, gb = torch.autograd.grad(y, (x, a, b), gy)
+            gx, ga, *gbs = torch.autograd.grad(y, (x, a, *bs), gy)
             torch.manual_seed(7)
             x2 = x.detach().reshape(-1, din)
             keep = (
-                torch.empty(x2.shape, dtype=torch.bool, device=dev).bernoulli_(1 - p)
+                torch.empty((n, *x2.shape), dtype=torch.bool, device=dev).bernoulli_(1 - p)
                 if p > 0
-                else torch.ones_like(x2, dtype=torch.bool)
+                else torch.ones((n, *x2.shape), dtype=torch.bool, device=dev)
             )
-            xr, ar, br = (t.detach().double().requires_grad_(True) for t in (x, a, b))
-            xd = xr.reshape(-1, din) * keep / (1 - p)
-            yr = (xr.reshape(-1, din) @ w_dense.t() + 0.25 * (xd @ ar.t()) @ br.t()).reshape(y.shape)
-            rx, ra, rb = torch.autograd.grad(yr, (xr, ar, br), gy.double())
-            errs = {"y": rel(y, yr), "gx": rel(gx, rx), "gA": rel(ga, ra), "gB": rel(gb, rb)}
+            xr, ar, *brs = (t.detach().double().requires_grad_(True) for t in (x, a, *bs))
+            xd = xr.reshape(-1, din) * keep / (1 - p)  # (n, tokens, in)
+            lora = torch.cat([xd[i] @ ar[i * r : (i + 1) * r].t() @ brs[i].t() for i in range(n)], dim=-1)
+            yr = (xr.reshape(-1, din) @ w_dense.t() + 0.25 * lora).reshape(y.shape)
+            rx, ra, *rbs = torch.autograd.grad(yr, (xr, ar, *brs), gy.double())
+            errs = {"y": rel(y, yr), "gx": rel(gx, rx), "gA": rel(ga, ra)}
+            errs["gB"] = max(rel(g, rg) for g, rg in zip(gbs, rbs))
             good = all(e < 1.5e-2 for e in errs.values())
             ok &= good
-            results.append({"check": "lora_linear", "quant": quant, "dropout": p, "ok": good, **errs})
+            results.append(
+                {"check": "lora_linear", "quant": quant, "group": n, "dropout": p, "ok": good, **errs}
+            )
     for denom in (None, 333):
         torch.manual_seed(2)
         n_tok, vocab = (1500, 50000) if dev == "cuda" else (150, 5000)

@@ -31,6 +31,9 @@ FUSED_CE_ROWS_X_VOCAB = 1 << 23  # rows of a fused cross-entropy chunk times voc
 OVERHEAD = int(0.15 * GIB)  # cuBLAS workspaces, RoPE tables, masks, small tensors
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# Sibling projections that read one input: the fast path runs each adapted set as one fused op
+# (training/speed.py), its weights dequantized into one block.
+SIBLING_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # The model shapes the estimate was checked against on an H200 (bench/gpu_train.py builds them with
 # random weights; tests/core/test_memory.py keeps the measured peaks as a regression).
@@ -196,10 +199,29 @@ class MemoryEstimate:
         return f"~{self.total_gib:.2f} GiB peak at {self.seq_len} tokens ({plan}): {parts}"
 
 
-def _lora_params(cfg: ForgeConfig, shape: ModelShape) -> int:
+def _targets(cfg: ForgeConfig) -> set[str]:
     targets = set(cfg.lora.target_modules)
     if targets & {"all-linear", "all_linear"}:
         targets = set(ATTN_TARGETS + MLP_TARGETS)
+    return targets
+
+
+def _widest_dense(cfg: ForgeConfig, shape: ModelShape, fused: bool) -> int:
+    """Elements of the largest dense weight a backward step dequantizes at once: one projection,
+    or on the fast path a set of adapted sibling projections (run as one op, one weight block)."""
+    shapes = shape.linear_shapes()
+    widest = max(i * o for i, o in shapes.values())
+    if fused:
+        targets = _targets(cfg)
+        for names in SIBLING_PROJECTIONS:
+            group = [shapes[n] for n in names if n in targets]
+            if len(group) > 1:
+                widest = max(widest, sum(i * o for i, o in group))
+    return widest
+
+
+def _lora_params(cfg: ForgeConfig, shape: ModelShape) -> int:
+    targets = _targets(cfg)
     per_layer = sum(cfg.lora.r * (i + o) for n, (i, o) in shape.linear_shapes().items() if n in targets)
     adapted_layers = max(0, shape.layers - cfg.lora.layers_from)
     return per_layer * adapted_layers
@@ -296,7 +318,7 @@ def estimate_memory(
     saved = (shape.layers - checkpointed_layers) * (per_layer + d_in)
     # Backward of one layer: gradient buffers of its widest activations, a dequantized weight, and
     # (when checkpointed) its recomputed activations.
-    widest = max(i * o for i, o in shape.linear_shapes().values())
+    widest = _widest_dense(cfg, shape, fused)
     bwd_temp = tokens * (shape.intermediate + 2 * shape.hidden) * BF16
     bwd_temp += (widest * BF16) if method == "qlora" else 0
     if not fused:

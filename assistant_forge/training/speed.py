@@ -295,6 +295,38 @@ def _dense_weight(base: Any, dtype: Any) -> Any:
     return _dequant(*_weight_args(base), dtype)
 
 
+def _dequant_rows(
+    weights: list[Any],
+    absmax: list[Any],
+    blocksize: int,
+    quant_type: str,
+    rows: list[int],
+    n_in: int,
+    dtype: Any,
+) -> Any:
+    """The dense weights of a group of projections stacked as one (sum of rows, in) tensor: each
+    4-bit weight is dequantized straight into its rows (no copy), plain ones are concatenated."""
+    import torch
+
+    if len(weights) == 1:
+        return _dequant(weights[0], absmax[0], blocksize, quant_type, [rows[0], n_in], dtype)
+    if absmax[0] is None or weights[0].device.type != "cuda":  # bitsandbytes' CPU backend has no .out
+        return torch.cat(
+            [
+                _dequant(w, am, blocksize, quant_type, [n, n_in], dtype)
+                for w, am, n in zip(weights, absmax, rows)
+            ]
+        )
+    out = torch.empty(sum(rows), n_in, dtype=dtype, device=weights[0].device)
+    off = 0
+    for w, am, n in zip(weights, absmax, rows):
+        torch.ops.bitsandbytes.dequantize_4bit.out(
+            w, am, blocksize, quant_type, [n, n_in], dtype, out=out[off : off + n]
+        )
+        off += n
+    return out
+
+
 def cache_absmax(model: Any, enable: bool = True) -> int:
     """Keep each double-quantized weight's absmax dequantized (fp32, 1/16 byte per weight: 0.38 GiB
     for a 7B) so dequantizing the weight is one kernel; `enable=False` frees them. Returns bytes held."""
@@ -328,50 +360,72 @@ def _fast_base(base: Any) -> bool:
     return w.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _lora_fwd(x: Any, a: Any, b: Any, weight: Any, bias: Any, scale: float, p: float) -> tuple[Any, Any, Any]:
-    """y = x W^T (+ bias) + s * (drop(x) A^T) B^T for 2-D x; `weight()` gives the dense W (made
-    only for the matmul). Returns y, x A^T and the dropout keep-mask (bool, or None at p = 0)."""
+def _lora_fwd(
+    x: Any, a: Any, b: Any, weight: Any, bias: Any, scale: float, p: float, n: int
+) -> tuple[Any, Any, Any]:
+    """y = x W^T (+ bias) + s * (drop(x) A^T) B^T for 2-D x and a group of n projections that read
+    x: A stacks their (r, in) adapters, B is block-diagonal (their (out, r) adapters), `weight()`
+    gives their stacked dense W (made only for the matmul). Each projection draws its own dropout
+    mask, as PEFT's separate dropout modules do. Returns y, x A^T and the keep-mask (bool
+    (n, tokens, in), or None at p = 0)."""
     import torch
 
-    dtype = x.dtype
     keep = None
-    xd = x
     if p > 0:
-        xd, keep = torch.native_dropout(x, p, True)  # one kernel: mask and masked x
-    xa = xd @ a.to(dtype).t()
-    del xd
+        # One kernel for all n masks; x A_i^T per projection as one batched matmul.
+        xd, keep = torch.native_dropout(x.expand(n, *x.shape), p, True)
+        xa = torch.bmm(xd, a.view(n, -1, a.shape[1]).transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], -1)
+        del xd
+    else:
+        xa = x @ a.t()
     w = weight()
-    y = torch.nn.functional.linear(x, w, bias.to(dtype) if bias is not None else None)
+    y = torch.nn.functional.linear(x, w, bias)
     del w
-    y.addmm_(xa, b.to(dtype).t(), alpha=scale)
+    y.addmm_(xa, b.t(), alpha=scale)
     return y, xa, keep
 
 
 def _lora_bwd(
-    gy: Any, x: Any, xa: Any, keep: Any, a: Any, b: Any, weight: Any, scale: float, p: float, needs: Any
+    gy: Any,
+    x: Any,
+    xa: Any,
+    keep: Any,
+    a: Any,
+    b: Any,
+    weight: Any,
+    scale: float,
+    p: float,
+    n: int,
+    needs: Any,
 ) -> tuple[Any, Any, Any]:
-    """Gradients (x, A, B) of _lora_fwd; `needs` is ctx.needs_input_grad for (x, a, b)."""
+    """Gradients (x, A, B) of _lora_fwd; `needs` is ctx.needs_input_grad for (x, a, b). B's
+    gradient is full (out, n r): the caller's block_diag keeps its diagonal blocks."""
     import torch
 
-    dtype = x.dtype
     g = gy.reshape(-1, gy.shape[-1])
-    a_c, b_c = a.to(dtype), b.to(dtype)
-    gxa = (g @ b_c).mul_(scale)
+    tokens = x.shape[0]
+    gxa = (g @ b).mul_(scale)
     gx = ga = gb = None
     if needs[2]:
-        gb = (g.t() @ xa).mul_(scale).to(b.dtype)
+        gb = (g.t() @ xa).mul_(scale)
+    # Per projection (tokens, r) blocks of gxa, as a batch: (n, tokens, r).
+    gxa_n = gxa.view(tokens, n, -1).transpose(0, 1) if keep is not None else None
     if needs[1]:
-        xd = x if keep is None else torch.ops.aten.native_dropout_backward(x, keep, 1.0 / (1.0 - p))
-        ga = (gxa.t() @ xd).to(a.dtype)
-        del xd
+        if keep is None:
+            ga = gxa.t() @ x
+        else:
+            xd = torch.ops.aten.native_dropout_backward(x.expand(n, *x.shape), keep, 1.0 / (1.0 - p))
+            ga = torch.bmm(gxa_n.transpose(1, 2), xd).reshape(a.shape)
+            del xd
     if needs[0]:
         w = weight()
         gx = g @ w
         del w
         if keep is None:
-            gx.addmm_(gxa, a_c)
+            gx.addmm_(gxa, a)
         else:
-            gx.add_(torch.ops.aten.native_dropout_backward(gxa @ a_c, keep, 1.0 / (1.0 - p)))
+            gxd = torch.bmm(gxa_n, a.view(n, -1, a.shape[1]))
+            gx.add_(torch.ops.aten.native_dropout_backward(gxd, keep, 1.0 / (1.0 - p)).sum(0))
     return gx, ga, gb
 
 
@@ -379,61 +433,68 @@ def _make_lora_fn() -> Any:
     import torch
 
     class _LoraLinear(torch.autograd.Function):
-        """The eager fused LoRA projection (see _lora_fwd). Saves x (shared by q/k/v, so nearly
-        free), x A^T (tokens x r) and, with dropout, a bool mask; W is dequantized again in backward."""
+        """The eager fused LoRA projection group (see _lora_fwd). Saves x (shared by the group, so
+        nearly free), x A^T (tokens x n r) and, with dropout, a bool mask; W is dequantized again in
+        backward."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, a: Any, b: Any, base: Any, scale: float, p: float) -> Any:
-            y, xa, keep = _lora_fwd(x, a, b, lambda: _dense_weight(base, x.dtype), base.bias, scale, p)
+        def forward(ctx: Any, x: Any, a: Any, b: Any, bases: Any, scale: float, p: float) -> Any:
+            weight = lambda: _dense_rows(bases, x.shape[1], x.dtype)  # noqa: E731
+            y, xa, keep = _lora_fwd(x, a, b, weight, _stacked_bias(bases, x.dtype), scale, p, len(bases))
             ctx.save_for_backward(x, xa, keep, a, b)
-            ctx.base, ctx.scale, ctx.p = base, scale, p
+            ctx.bases, ctx.scale, ctx.p = bases, scale, p
             return y
 
         @staticmethod
         def backward(ctx: Any, gy: Any) -> Any:
             x, xa, keep, a, b = ctx.saved_tensors
-            w = lambda: _dense_weight(ctx.base, x.dtype)  # noqa: E731
-            gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, ctx.needs_input_grad)
+            w = lambda: _dense_rows(ctx.bases, x.shape[1], x.dtype)  # noqa: E731
+            n = len(ctx.bases)
+            gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
             return gx, ga, gb, None, None, None
 
     return _LoraLinear
 
 
 _LORA_OP_SCHEMA = (
-    "(Tensor x, Tensor a, Tensor b, Tensor weight, Tensor? absmax, Tensor? bias, float scale, float p,"
-    " int blocksize, str quant_type, SymInt[] shape) -> (Tensor, Tensor, Tensor)"
+    "(Tensor x, Tensor a, Tensor b, Tensor[] weight, Tensor?[] absmax, Tensor? bias, float scale, float p,"
+    " int blocksize, str quant_type, SymInt[] rows) -> (Tensor, Tensor, Tensor)"
 )
 
 
 def _make_lora_op() -> Any:
-    """The same projection as a custom operator, for compiled decoder layers. Opaque to the
+    """The same projection group as a custom operator, for compiled decoder layers. Opaque to the
     compiler on purpose: traced, the compiler merges the backward's dequantization with the
     forward's and keeps every dense bf16 weight alive until backward (0.4 GiB a 7B layer)."""
     import torch
 
     @torch.library.custom_op("forge::lora_linear", mutates_args=(), schema=_LORA_OP_SCHEMA)
-    def op(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, shape):  # type: ignore[no-untyped-def]
-        w = lambda: _dequant(weight, absmax, blocksize, quant_type, shape, x.dtype)  # noqa: E731
-        y, xa, keep = _lora_fwd(x, a, b, w, bias, scale, p)
+    def op(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows):  # type: ignore[no-untyped-def]
+        w = lambda: _dequant_rows(weight, absmax, blocksize, quant_type, rows, x.shape[1], x.dtype)  # noqa: E731
+        y, xa, keep = _lora_fwd(x, a, b, w, bias, scale, p, len(weight))
         return y, xa, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
 
     @op.register_fake
-    def _(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, shape):  # type: ignore[no-untyped-def]
-        keep = x.new_empty(x.shape if p > 0 else (0,), dtype=torch.bool)
-        return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], a.shape[0]), keep
+    def _(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows):  # type: ignore[no-untyped-def]
+        keep = x.new_empty((len(weight), *x.shape) if p > 0 else (0,), dtype=torch.bool)
+        return x.new_empty(x.shape[0], sum(rows)), x.new_empty(x.shape[0], a.shape[0]), keep
 
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, a, b, weight, absmax, _bias, scale, p, blocksize, quant_type, shape = inputs
+        x, a, b, weight, absmax, _bias, scale, p, blocksize, quant_type, rows = inputs
         _y, xa, keep = output
-        ctx.save_for_backward(x, a, b, weight, absmax, xa, keep)
-        ctx.scale, ctx.p, ctx.quant = scale, p, (blocksize, quant_type, shape)
+        ctx.save_for_backward(x, a, b, xa, keep, *weight, *[t for t in absmax if t is not None])
+        ctx.scale, ctx.p, ctx.quant = scale, p, (blocksize, quant_type, list(rows))
+        ctx.n, ctx.quantized = len(weight), absmax[0] is not None
 
     def backward(ctx: Any, gy: Any, _gxa: Any, _gkeep: Any) -> Any:
-        x, a, b, weight, absmax, xa, keep = ctx.saved_tensors
-        w = lambda: _dequant(weight, absmax, *ctx.quant, x.dtype)  # noqa: E731
+        x, a, b, xa, keep, *rest = ctx.saved_tensors
+        n = ctx.n
+        weight, absmax = rest[:n], (rest[n:] if ctx.quantized else [None] * n)
+        blocksize, quant_type, rows = ctx.quant
+        w = lambda: _dequant_rows(weight, absmax, blocksize, quant_type, rows, x.shape[1], x.dtype)  # noqa: E731
         keep = keep if ctx.p > 0 else None
-        gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, ctx.needs_input_grad)
-        return (gx, ga, gb) + (None,) * 8
+        gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
+        return gx, ga, gb, [None] * n, [None] * n, None, None, None, None, None, None
 
     op.register_autograd(backward, setup_context=setup_context)
     return op
@@ -447,55 +508,182 @@ def _lora_fn() -> Any:
     return _once(_make_lora_fn)
 
 
-def lora_linear(x: Any, base: Any, a: Any, b: Any, scale: float, p: float = 0.0) -> Any:
-    """The fused LoRA projection of `x` (any leading shape); see _LoraLinear."""
+def _dense_rows(bases: Any, n_in: int, dtype: Any) -> Any:
+    """The stacked dense weights of a group of base layers (see _dequant_rows)."""
+    args = [_weight_args(base) for base in bases]
+    weights, absmax = [w for w, *_ in args], [am for _, am, *_ in args]
+    _, _, blocksize, quant_type, _ = args[0]
+    return _dequant_rows(weights, absmax, blocksize, quant_type, [s[0] for *_, s in args], n_in, dtype)
+
+
+def _stacked_bias(bases: Any, dtype: Any) -> Any:
+    """The group's biases as one vector (a group has all or none, see _group_ready)."""
     import torch
 
+    if bases[0].bias is None:
+        return None
+    return torch.cat([base.bias.to(dtype) for base in bases])
+
+
+def lora_linear(x: Any, base: Any, a: Any, b: Any, scale: float, p: float = 0.0) -> Any:
+    """The fused LoRA projection of `x` (any leading shape) through one base layer, or through a
+    group of base layers that read the same x (a list: A stacked, B block-diagonal, output
+    stacked; see _lora_fwd). The adapters are multiplied in x's dtype."""
+    import torch
+
+    bases = list(base) if isinstance(base, (list, tuple)) else [base]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    a, b = a.to(x.dtype), b.to(x.dtype)
     if torch.compiler.is_compiling():
-        weight, absmax, blocksize, quant_type, shape = _weight_args(base)
+        args = [_weight_args(m) for m in bases]
+        _, _, blocksize, quant_type, _ = args[0]
         y = _lora_op()(
-            x2, a, b, weight, absmax, base.bias, float(scale), float(p), blocksize, quant_type, shape
+            x2,
+            a,
+            b,
+            [w for w, *_ in args],
+            [am for _, am, *_ in args],
+            _stacked_bias(bases, x.dtype),
+            float(scale),
+            float(p),
+            blocksize,
+            quant_type,
+            [s[0] for *_, s in args],
         )[0]
     else:
-        y = _lora_fn().apply(x2, a, b, base, float(scale), float(p))
+        y = _lora_fn().apply(x2, a, b, tuple(bases), float(scale), float(p))
     return y.view(*lead, y.shape[-1])
 
 
-def _lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """Replacement forward of a PEFT LoRA Linear: fused path for one plain adapter, else PEFT's."""
+def _fusable(layer: Any) -> tuple[str, float] | None:
+    """(adapter name, dropout p) when `layer` (a PEFT LoRA Linear) can take the fused path now:
+    one plain active adapter on a plain or 4-bit base, not merged or disabled."""
     import torch
 
-    orig = self._forge_orig_forward
-    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-        return orig(x, *args, **kwargs)
-    name = self.active_adapters[0]
-    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.use_dora.get(name, False):
-        return orig(x, *args, **kwargs)
-    if not _fast_base(self.base_layer):
-        return orig(x, *args, **kwargs)
-    drop = self.lora_dropout[name]
-    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-    return lora_linear(
-        x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
-    )
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if (
+        name not in layer.lora_A
+        or name in getattr(layer, "lora_variant", {})
+        or layer.use_dora.get(name, False)
+    ):
+        return None
+    if not _fast_base(layer.base_layer):
+        return None
+    drop = layer.lora_dropout[name]
+    return name, drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
 
 
-def patch_lora_layers(model: Any) -> int:
-    """Route every PEFT LoRA Linear through the fused path; returns how many were patched."""
+class _LoraGroup:
+    """Sibling LoRA projections that read the same input (q/k/v, gate/up). The first one called
+    runs the whole group as one fused op (one dequantized weight block, one matmul for the base,
+    one for the adapters' A); its siblings, called next with the same tensor, take their slice.
+    At batch 1 x 2048 tokens a 7B step is bound by the CPU issuing kernels: a layer's 7 LoRA
+    projections become 4 calls."""
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+        self.x: Any = None
+        self.outs: list[Any] | None = None
+
+    def ready(self) -> tuple[str, float] | None:
+        """The group's (adapter, p) when every member can run fused with the same settings."""
+        first = self.members[0]
+        got = _fusable(first)
+        if got is None:
+            return None
+        name = got[0]
+        r, scale = first.r[name], first.scaling[name]
+        has_bias = first.base_layer.bias is not None
+        for m in self.members[1:]:
+            if _fusable(m) != got or m.r.get(name) != r or m.scaling.get(name) != scale:
+                return None
+            if (m.base_layer.bias is not None) != has_bias or not _same_base_kind(
+                first.base_layer, m.base_layer
+            ):
+                return None
+        return got
+
+    def output(self, i: int, x: Any, name: str, p: float) -> Any:
+        """Member i's output for input x (the whole group runs on the first call for x)."""
+        import torch
+
+        outs = self.outs
+        if self.x is x and outs is not None and outs[i] is not None:
+            y = outs[i]
+            outs[i] = None
+            if all(o is None for o in outs):  # every sibling served: hold no tensors
+                self.x = self.outs = None
+            return y
+        ms = self.members
+        a = torch.cat([m.lora_A[name].weight.to(x.dtype) for m in ms])
+        b = torch.block_diag(*[m.lora_B[name].weight.to(x.dtype) for m in ms])
+        y = lora_linear(x, [m.base_layer for m in ms], a, b, ms[0].scaling[name], p)
+        outs = list(torch.split(y, [m.base_layer.out_features for m in ms], dim=-1))
+        y = outs[i]
+        outs[i] = None
+        self.x, self.outs = x, outs
+        return y
+
+
+def _same_base_kind(b1: Any, b2: Any) -> bool:
+    """Both plain (same dtype) or both 4-bit with the same blocksize and quant type, same input."""
+    q1, q2 = getattr(b1.weight, "quant_state", None), getattr(b2.weight, "quant_state", None)
+    if b1.in_features != b2.in_features or (q1 is None) != (q2 is None):
+        return False
+    if q1 is None:
+        return b1.weight.dtype == b2.weight.dtype
+    return (q1.blocksize, q1.quant_type, q1.dtype) == (q2.blocksize, q2.quant_type, q2.dtype)
+
+
+def _lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Replacement forward of a PEFT LoRA Linear: fused path for one plain adapter (as its group
+    when it has one), else PEFT's."""
+    if args or kwargs:
+        return self._forge_orig_forward(x, *args, **kwargs)
+    group = self.__dict__.get("_forge_group")
+    ready = group.ready() if group is not None else None
+    if ready is not None:
+        return group.output(self._forge_group_index, x, *ready)
+    got = _fusable(self)
+    if got is None:
+        return self._forge_orig_forward(x)
+    name, p = got
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    return lora_linear(x, self.base_layer, a, b, self.scaling[name], p)
+
+
+def patch_lora_layers(model: Any, group: bool = True) -> int:
+    """Route every PEFT LoRA Linear through the fused path, siblings that read one input as a
+    group (`group=False`: each on its own); returns how many were patched."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
         return 0
     _lora_fn()  # made here, outside any compiled region
     n = 0
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and hasattr(m, "lora_A") and _fast_base(getattr(m, "base_layer", None)):
-            if not hasattr(m, "_forge_orig_forward"):
-                m._forge_orig_forward = m.forward
-                m.forward = types.MethodType(_lora_forward, m)
-            n += 1
+    for parent in model.modules():
+        patched = {}
+        for child_name, m in parent.named_children():
+            if (
+                isinstance(m, LoraLayer)
+                and hasattr(m, "lora_A")
+                and _fast_base(getattr(m, "base_layer", None))
+            ):
+                if not hasattr(m, "_forge_orig_forward"):
+                    m._forge_orig_forward = m.forward
+                    m.forward = types.MethodType(_lora_forward, m)
+                m.__dict__.pop("_forge_group", None)
+                patched[child_name] = m
+                n += 1
+        for names in mem.SIBLING_PROJECTIONS if group else ():
+            members = [patched[k] for k in names if k in patched]
+            if len(members) > 1:
+                grp = _LoraGroup(members)
+                for i, m in enumerate(members):
+                    m.__dict__["_forge_group"], m.__dict__["_forge_group_index"] = grp, i
     return n
 
 

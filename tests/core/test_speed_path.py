@@ -102,6 +102,50 @@ def test_checkpoint_plan_recomputes_only_the_planned_layers(tiny_llama: Path) ->
     assert calls == [3, 2]
 
 
+def fused_calls(model) -> tuple[int, float, dict[str, torch.Tensor]]:
+    """How many fused LoRA ops one training step runs (torch.profiler's count), its loss and grads."""
+    with torch.profiler.profile() as prof:
+        loss, grads = loss_and_grads(model)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "_LoraLinear")
+    return calls, loss, grads
+
+
+def test_sibling_projections_run_as_one_group(tiny_llama: Path) -> None:
+    """q/k/v and gate/up read one input and run as one fused op each (4 ops a layer, not 7) with
+    the same loss and gradients as one op per projection; no group holds tensors after a step."""
+    from assistant_forge.training import speed
+
+    model = build(tiny_llama, dropout=0.0, fast=True)
+    grouped_calls, loss, grouped = fused_calls(model)
+    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get("_forge_group")) is not None}
+    assert len(groups) == 2 * 2
+    assert all(g.x is None and g.outs is None for g in groups.values())
+    speed.patch_lora_layers(model, group=False)
+    single_calls, single_loss, single = fused_calls(model)
+    # Layer 0 is checkpointed: it runs twice (forward, recompute), layer 1 once.
+    assert (grouped_calls, single_calls) == (3 * 4, 3 * 7)
+    assert abs(loss - single_loss) < 1e-5
+    assert max(rel_err(grouped[n], single[n]) for n in single) < 1e-4
+
+
+def test_grouped_lora_with_dropout_matches_float64(tmp_path: Path) -> None:
+    """The kernel checks of bench/gpu_train.py on the CPU: fused LoRA, alone and as a 3-projection
+    group with per-projection dropout masks, against a float64 reference (and the fused loss)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "gpu_train.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('"group": 3') == 2 and proc.stdout.count('"ok": true') == 6
+
+
 def test_dropout_recompute_draws_the_same_masks(tiny_llama: Path) -> None:
     """With dropout, a checkpointed layer's recompute must reuse its forward's masks: the same
     seed gives the same gradients whether layer 0 is checkpointed or not."""
