@@ -476,10 +476,11 @@ def check(out: Path | None) -> bool:
             y = speed.lora_linear(x, bases if n > 1 else bases[0], a, torch.block_diag(*bs), 0.25, p)
             gy = torch.randn_like(y)
             gx, ga, *gbs = torch.autograd.grad(y, (x, a, *bs), gy)
+            # The masks the op drew: the same call under the same seed (its RNG use is the op's).
             torch.manual_seed(7)
             x2 = x.detach().reshape(-1, din)
             keep = (
-                torch.empty((n, *x2.shape), dtype=torch.bool, device=dev).bernoulli_(1 - p)
+                torch.native_dropout(x2.expand(n, *x2.shape), p, True)[1]
                 if p > 0
                 else torch.ones((n, *x2.shape), dtype=torch.bool, device=dev)
             )

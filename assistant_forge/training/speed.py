@@ -310,21 +310,46 @@ def _dequant_rows(
 
     if len(weights) == 1:
         return _dequant(weights[0], absmax[0], blocksize, quant_type, [rows[0], n_in], dtype)
-    if absmax[0] is None or weights[0].device.type != "cuda":  # bitsandbytes' CPU backend has no .out
+    if absmax[0] is None:
         return torch.cat(
             [
                 _dequant(w, am, blocksize, quant_type, [n, n_in], dtype)
                 for w, am, n in zip(weights, absmax, rows)
             ]
         )
-    out = torch.empty(sum(rows), n_in, dtype=dtype, device=weights[0].device)
-    off = 0
-    for w, am, n in zip(weights, absmax, rows):
-        torch.ops.bitsandbytes.dequantize_4bit.out(
-            w, am, blocksize, quant_type, [n, n_in], dtype, out=out[off : off + n]
-        )
-        off += n
-    return out
+    return _once(_make_dequant_rows_op)(weights, absmax, blocksize, quant_type, rows, n_in, dtype)
+
+
+def _make_dequant_rows_op() -> Any:
+    """4-bit weights dequantized into the rows of one new tensor, as a custom operator: the
+    compiler traces the fused LoRA op's backward, and bitsandbytes' fake `.out` kernel rejects a
+    list shape there; opaque, only this op's own fake runs."""
+    import torch
+
+    schema = (
+        "(Tensor[] weight, Tensor[] absmax, int blocksize, str quant_type, SymInt[] rows, SymInt n_in,"
+        " ScalarType dtype) -> Tensor"
+    )
+
+    @torch.library.custom_op("forge::dequant_rows", mutates_args=(), schema=schema)
+    def op(weight, absmax, blocksize, quant_type, rows, n_in, dtype):  # type: ignore[no-untyped-def]
+        out = torch.empty(sum(rows), n_in, dtype=dtype, device=weight[0].device)
+        off = 0
+        for w, am, n in zip(weight, absmax, rows):
+            if out.device.type == "cuda":
+                torch.ops.bitsandbytes.dequantize_4bit.out(
+                    w, am, blocksize, quant_type, [n, n_in], dtype, out=out[off : off + n]
+                )
+            else:  # bitsandbytes' CPU backend has no .out
+                out[off : off + n] = _dequant(w, am, blocksize, quant_type, [n, n_in], dtype)
+            off += n
+        return out
+
+    @op.register_fake
+    def _(weight, absmax, blocksize, quant_type, rows, n_in, dtype):  # type: ignore[no-untyped-def]
+        return weight[0].new_empty(sum(rows), n_in, dtype=dtype)
+
+    return op
 
 
 def cache_absmax(model: Any, enable: bool = True) -> int:
@@ -976,7 +1001,7 @@ def compile_layers(model: Any, rng: bool) -> int:
 
     layers = decoder_layers(model)
     # Made before any trace: a compiled graph guards on what _once has made so far.
-    for make in (_make_lora_fn, _make_lora_op, _make_ce_fn, _make_recompute_fn):
+    for make in (_make_lora_fn, _make_lora_op, _make_dequant_rows_op, _make_ce_fn, _make_recompute_fn):
         _once(make)
     # Training and no-grad graphs, dropout on and off, a dynamic-length variant: a few each.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
