@@ -349,14 +349,14 @@ def run_forge(
             variants: list[tuple[str, dict[str, Any]]] = []
             if peer_peak:
                 variants.append(("auto@peer", {"budget_bytes": int(peer_peak * GIB)}))
-                # The same plan with one fused op per projection (no q/k/v, gate/up groups).
-                variants.append(("auto@peer-1by1", {"budget_bytes": int(peer_peak * GIB), "group": False}))
             variants += [
                 ("all", {"policy": "all"}),
                 ("all+devopt", {"policy": "all", "optimizer_on_device": True}),
                 ("offload", {"policy": "offload"}),
                 ("auto@gpu", {}),
             ]
+            if peer_peak:  # last: the fitted plan with one fused op per projection (no groups)
+                variants.append(("auto@peer-1by1", {"budget_bytes": int(peer_peak * GIB), "group": False}))
             if only:
                 variants = [v for v in variants if v[0] in only]
             if dropout != seq_drops[0]:
