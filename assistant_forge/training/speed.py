@@ -608,8 +608,11 @@ class _LoraGroup:
     At batch 1 x 2048 tokens a 7B step is bound by the CPU issuing kernels: a layer's 7 LoRA
     projections become 4 calls."""
 
-    def __init__(self, members: list[Any]) -> None:
+    def __init__(self, members: list[Any], own_storage: tuple[int, ...] = ()) -> None:
         self.members = members
+        # Members whose output backward keeps on its own (attention saves v as it is): a slice
+        # would keep the whole q/k/v block alive in every layer that is not checkpointed.
+        self.own_storage = own_storage
         self.x: Any = None
         self.outs: list[Any] | None = None
 
@@ -647,6 +650,8 @@ class _LoraGroup:
         b = torch.block_diag(*[m.lora_B[name].weight.to(x.dtype) for m in ms])
         y = lora_linear(x, [m.base_layer for m in ms], a, b, ms[0].scaling[name], p)
         outs = list(torch.split(y, [m.base_layer.out_features for m in ms], dim=-1))
+        for j in self.own_storage:
+            outs[j] = outs[j].contiguous()
         y = outs[i]
         outs[i] = None
         self.x, self.outs = x, outs
@@ -661,6 +666,11 @@ def _same_base_kind(b1: Any, b2: Any) -> bool:
     if q1 is None:
         return b1.weight.dtype == b2.weight.dtype
     return (q1.blocksize, q1.quant_type, q1.dtype) == (q2.blocksize, q2.quant_type, q2.dtype)
+
+
+# Projections whose output is saved for backward as it is (attention's v): copied out of the
+# group's output block so that block can be freed.
+_OWN_STORAGE = ("v_proj",)
 
 
 def _lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -706,7 +716,8 @@ def patch_lora_layers(model: Any, group: bool = True) -> int:
         for names in mem.SIBLING_PROJECTIONS if group else ():
             members = [patched[k] for k in names if k in patched]
             if len(members) > 1:
-                grp = _LoraGroup(members)
+                own = tuple(i for i, k in enumerate(k for k in names if k in patched) if k in _OWN_STORAGE)
+                grp = _LoraGroup(members, own)
                 for i, m in enumerate(members):
                     m.__dict__["_forge_group"], m.__dict__["_forge_group_index"] = grp, i
     return n

@@ -116,7 +116,14 @@ def test_sibling_projections_run_as_one_group(tiny_llama: Path) -> None:
     from assistant_forge.training import speed
 
     model = build(tiny_llama, dropout=0.0, fast=True)
+    attn = speed.decoder_layers(model)[1].self_attn
+    outs = {}
+    for name in ("q_proj", "v_proj"):
+        getattr(attn, name).register_forward_hook(lambda _m, _i, y, name=name: outs.__setitem__(name, y))
     grouped_calls, loss, grouped = fused_calls(model)
+    # q is a slice of the group's output block; v (kept by attention for backward) has its own
+    # storage, so the block can be freed in a layer that is not checkpointed.
+    assert outs["q_proj"]._base is not None and outs["v_proj"]._base is None
     groups = {id(g): g for m in model.modules() if (g := m.__dict__.get("_forge_group")) is not None}
     assert len(groups) == 2 * 2
     assert all(g.x is None and g.outs is None for g in groups.values())
