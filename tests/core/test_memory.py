@@ -131,6 +131,42 @@ def test_estimate_tracks_measured_peaks(
     assert -0.06 <= est.total_gib / measured - 1 <= 0.10, est.summary()
 
 
+# Session 4 (2026-11-29), compiled layers with grouped q/k/v and gate/up ops, bench/RESULTS.md:
+# (shape, seq, dropout, checkpointed layers, offload, optimizer on device, measured GiB). No absmax
+# cache with compiled layers.
+MEASURED_COMPILED = [
+    ("7b", 2048, 0.1, 32, False, True, 6.53),
+    ("7b", 2048, 0.1, 32, True, False, 5.35),
+    ("7b", 2048, 0.1, 0, False, True, 14.43),
+    ("7b", 2048, 0.0, 28, False, False, 6.00),
+    ("7b", 8192, 0.0, 29, False, True, 11.13),
+    ("7b", 8192, 0.0, 32, False, True, 8.89),
+    ("7b", 8192, 0.0, 32, True, False, 6.40),
+    ("7b", 8192, 0.0, 0, False, True, 39.43),
+    ("1.5b", 2048, 0.1, 4, False, True, 5.49),
+    ("1.5b", 2048, 0.1, 28, False, True, 2.51),
+    ("1.5b", 2048, 0.1, 28, True, False, 2.15),
+    ("1.5b", 2048, 0.1, 0, False, True, 6.03),
+    ("1.5b", 2048, 0.0, 0, False, True, 6.32),
+]
+
+
+@pytest.mark.parametrize(("shape", "seq", "drop", "n", "offload", "dev_opt", "measured"), MEASURED_COMPILED)
+def test_estimate_tracks_measured_peaks_of_compiled_layers(
+    shape: str, seq: int, drop: float, n: int, offload: bool, dev_opt: bool, measured: float
+) -> None:
+    cfg = bench_cfg(seq, drop)
+    cfg.train.compile_layers = True
+    est = mem.estimate_memory(
+        cfg, SHAPES[shape], checkpointed_layers=n, offload=offload, optimizer_on_device=dev_opt
+    )
+    # Never more than 6% under; within 10% over, except that compiled layers kept whole at 2048
+    # tokens are over-counted (up to 22% at 1.5B with dropout: what `auto` pays is a few layers
+    # checkpointed that need not be).
+    whole = SHAPES[shape]["num_hidden_layers"] - n > 2 and seq == 2048
+    assert -0.06 <= est.total_gib / measured - 1 <= (0.25 if whole else 0.10), est.summary()
+
+
 def test_zero_shards_per_process_and_turns_the_fast_path_off() -> None:
     single = bench_cfg(2048, 0.0)
     plain = mem.estimate_memory(single, LLAMA7B, checkpointed_layers=32, fused=False)
