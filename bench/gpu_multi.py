@@ -131,7 +131,9 @@ def main() -> int:
     }
     results = []
     for name in a.runs.split(","):
-        if name == "zero2" and gpus < 2:
+        if a.tiny:  # the CPU plumbing check: processes over gloo
+            plans[name][0]["train"]["device"] = "cpu"
+        elif name == "zero2" and gpus < 2:
             results.append({"run": name, "error": f"needs 2 GPUs, {gpus} visible"})
             continue
         raw, extra = plans[name]
