@@ -135,6 +135,34 @@ def test_sibling_projections_run_as_one_group(tiny_llama: Path) -> None:
     assert max(rel_err(grouped[n], single[n]) for n in single) < 1e-4
 
 
+def test_groups_with_biases_match_peft(tmp_path: Path) -> None:
+    """Qwen2's q/k/v have biases: the group adds them stacked, same loss and gradients as PEFT."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=256,
+        )
+    )
+    for name, p in qwen.named_parameters():
+        if name.endswith("bias"):  # zeros at init: make them count
+            p.data.normal_(0, 0.5)
+    qwen.save_pretrained(tmp_path / "qwen")
+    ref_loss, ref = loss_and_grads(build(tmp_path / "qwen", dropout=0.0, fast=False))
+    model = build(tmp_path / "qwen", dropout=0.0, fast=True)
+    loss, got = loss_and_grads(model)
+    assert sum("_forge_group" in m.__dict__ for m in model.modules()) == 2 * 5
+    assert abs(loss - ref_loss) < 1e-5
+    assert max(rel_err(got[n], ref[n]) for n in ref) < 1e-4
+
+
 def test_grouped_lora_with_dropout_matches_float64(tmp_path: Path) -> None:
     """The kernel checks of bench/gpu_train.py on the CPU: fused LoRA, alone and as a 3-projection
     group with per-projection dropout masks, against a float64 reference (and the fused loss)."""
