@@ -14,6 +14,16 @@ torch = pytest.importorskip("torch")
 from assistant_forge.core.config import ForgeConfig  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# A 2-layer decoder with grouped-query attention (k/v narrower than q).
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +32,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(path)
     return path
 
 
@@ -140,17 +141,7 @@ def test_groups_with_biases_match_peft(tmp_path: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    qwen = Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=1000,
-            max_position_embeddings=256,
-        )
-    )
+    qwen = Qwen2ForCausalLM(Qwen2Config(**TINY))
     for name, p in qwen.named_parameters():
         if name.endswith("bias"):  # zeros at init: make them count
             p.data.normal_(0, 0.5)
