@@ -535,16 +535,21 @@ def _lora_fn() -> Any:
     return _once(_make_lora_fn)
 
 
+def _group_weight_args(bases: Any) -> tuple[list[Any], list[Any], int, str, list[int]]:
+    """(weights, absmax, blocksize, quant_type, rows) of a group of base layers, for _dequant_rows
+    (a group shares blocksize and quant type, see _same_base_kind)."""
+    args = [_weight_args(base) for base in bases]
+    _, _, blocksize, quant_type, _ = args[0]
+    return [w for w, *_ in args], [am for _, am, *_ in args], blocksize, quant_type, [s[0] for *_, s in args]
+
+
 def _dense_rows(bases: Any, n_in: int, dtype: Any) -> Any:
     """The stacked dense weights of a group of base layers (see _dequant_rows)."""
-    args = [_weight_args(base) for base in bases]
-    weights, absmax = [w for w, *_ in args], [am for _, am, *_ in args]
-    _, _, blocksize, quant_type, _ = args[0]
-    return _dequant_rows(weights, absmax, blocksize, quant_type, [s[0] for *_, s in args], n_in, dtype)
+    return _dequant_rows(*_group_weight_args(bases), n_in, dtype)
 
 
 def _stacked_bias(bases: Any, dtype: Any) -> Any:
-    """The group's biases as one vector (a group has all or none, see _group_ready)."""
+    """The group's biases as one vector (a group has all or none, see _LoraGroup.ready)."""
     import torch
 
     if bases[0].bias is None:
@@ -563,21 +568,11 @@ def lora_linear(x: Any, base: Any, a: Any, b: Any, scale: float, p: float = 0.0)
     x2 = x.reshape(-1, x.shape[-1])
     a, b = a.to(x.dtype), b.to(x.dtype)
     if torch.compiler.is_compiling():
-        args = [_weight_args(m) for m in bases]
-        _, _, blocksize, quant_type, _ = args[0]
-        y = _lora_op()(
-            x2,
-            a,
-            b,
-            [w for w, *_ in args],
-            [am for _, am, *_ in args],
-            _stacked_bias(bases, x.dtype),
-            float(scale),
-            float(p),
-            blocksize,
-            quant_type,
-            [s[0] for *_, s in args],
-        )[0]
+        weights, absmax, blocksize, quant_type, rows = _group_weight_args(bases)
+        bias = _stacked_bias(bases, x.dtype)
+        y = _lora_op()(x2, a, b, weights, absmax, bias, float(scale), float(p), blocksize, quant_type, rows)[
+            0
+        ]
     else:
         y = _lora_fn().apply(x2, a, b, tuple(bases), float(scale), float(p))
     return y.view(*lead, y.shape[-1])
@@ -716,10 +711,10 @@ def patch_lora_layers(model: Any, group: bool = True) -> int:
                 patched[child_name] = m
                 n += 1
         for names in mem.SIBLING_PROJECTIONS if group else ():
-            members = [patched[k] for k in names if k in patched]
-            if len(members) > 1:
-                own = tuple(i for i, k in enumerate(k for k in names if k in patched) if k in _OWN_STORAGE)
-                grp = _LoraGroup(members, own)
+            present = [k for k in names if k in patched]
+            if len(present) > 1:
+                members = [patched[k] for k in present]
+                grp = _LoraGroup(members, tuple(i for i, k in enumerate(present) if k in _OWN_STORAGE))
                 for i, m in enumerate(members):
                     m.__dict__["_forge_group"], m.__dict__["_forge_group_index"] = grp, i
     return n
