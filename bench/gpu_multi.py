@@ -67,6 +67,8 @@ def run(work: Path, out: Path, name: str, raw: dict, extra: list[str]) -> dict:
         "rc": proc.returncode,
         "wall_s": round(wall, 1),
         "state": read_status(run_dir).get("state"),
+        # What the fast path did (its report names graphed_layers) and any graph fallback.
+        "notes": [ln[:400] for ln in log.splitlines() if "graph" in ln.lower()][:4],
     }
     if proc.returncode != 0 or not events:
         rec["error"] = (proc.stderr or proc.stdout)[-1500:]
@@ -87,7 +89,7 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/forge_multi")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--runs", default="one,zero2,fast")
+    ap.add_argument("--runs", default="one,zero2,fast", help="also: ckpt-graphs, ckpt-plain")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the plumbing on a CPU")
     a = ap.parse_args()
 
@@ -129,6 +131,11 @@ def main() -> int:
         ),
         "fast": (forge_config(work, model_dir, a.seq, a.steps, accum=2, fused=True), []),
     }
+    # Every layer checkpointed: with CUDA graphs (the default) and without, same data.
+    for name, graphs in (("ckpt-graphs", True), ("ckpt-plain", False)):
+        raw = forge_config(work, model_dir, a.seq, a.steps, accum=2, fused=True)
+        raw["train"].update(checkpoint_policy="all", cuda_graphs=graphs)
+        plans[name] = (raw, [])
     results = []
     for name in a.runs.split(","):
         if a.tiny:  # the CPU plumbing check: processes over gloo

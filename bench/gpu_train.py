@@ -41,6 +41,16 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SHAPES: dict[str, dict[str, Any]] = {
     "7b": {**REFERENCE_SHAPES["7b"], "max_position_embeddings": 4096},
     "1.5b": {**REFERENCE_SHAPES["1.5b"], "max_position_embeddings": 32768, "rope_theta": 1e6},
+    # --graph-check: small enough to build in seconds, a 7B's layer structure.
+    "tiny": {
+        **REFERENCE_SHAPES["7b"],
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096,
+    },
 }
 GIB = 1024**3
 
@@ -222,7 +232,7 @@ def train_steps(
     """The peer's exact loop: same ids, optimizer update, clipping, warm-up and median."""
     import torch
 
-    from assistant_forge.training import speed
+    from assistant_forge.training import layer_graphs, speed
 
     params = [p for p in model.parameters() if p.requires_grad]
     # bitsandbytes' AdamW default weight decay is 1e-2; the on-device swap keeps it.
@@ -243,6 +253,8 @@ def train_steps(
     gc.callbacks.append(on_gc)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    # Peaks by phase: step 0 (the plain path: graphs are captured at step 1), step 1, the timed steps.
+    phase_peaks: list[int] = []
     for step in range(steps + 2):
         ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=g)
         torch.cuda.synchronize()
@@ -253,16 +265,29 @@ def train_steps(
             gc_pause[0] = 0.0  # count only the timed steps
         if step >= 2:
             times.append(time.time() - t0)
+        if step < 2:
+            phase_peaks.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         losses.append(loss.item())
         del loss
+    phase_peaks.append(torch.cuda.max_memory_allocated())
     gc.callbacks.remove(on_gc)
+    # CUDA graphs replay in a private pool that torch's allocated figure does not see while they
+    # run: from the capture step on, the peak counts that pool on top (for the capture step an
+    # upper bound, as its allocations from the pool were counted too).
+    plan = layer_graphs.plan_of(speed.decoder_layers(model))
+    pool = layer_graphs.pool_bytes(plan)
+    peak = max(phase_peaks[0], phase_peaks[1] + pool, phase_peaks[2] + pool)
     res = {
         "step_s_median": round(statistics.median(sorted(times)), 4),
         "step_s_spread": round(max(times) - min(times), 4),
         "gc_s_per_step": round(gc_pause[0] / len(times), 4),
         "step_times": [round(t, 3) for t in times],
         "tokens_per_s": round(seq / statistics.median(times), 1),
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+        "peak_alloc_gib": round(peak / GIB, 3),
+        "peak_phases_gib": [round(p / GIB, 3) for p in phase_peaks],
+        "graph_pool_gib": round(pool / GIB, 3),
+        "graphs": None if plan is None else {"captured": plan.captured, "failed": plan.failed},
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
         "loss": round(losses[-1], 4),
         "loss_first": round(losses[0], 5),
@@ -356,10 +381,24 @@ def run_forge(
                 ("offload", {"policy": "offload"}),
                 ("auto@gpu", {}),
             ]
+            variants += [  # the same plans without CUDA graphs, same process
+                ("all+devopt-nograph", {"policy": "all", "optimizer_on_device": True, "graphs": False}),
+                ("all-nograph", {"policy": "all", "graphs": False}),
+            ]
             if peer_peak:  # last: the fitted plan with one fused op per projection (no groups)
+                variants.append(
+                    ("auto@peer-nograph", {"budget_bytes": int(peer_peak * GIB), "graphs": False})
+                )
                 variants.append(("auto@peer-1by1", {"budget_bytes": int(peer_peak * GIB), "group": False}))
+            # ckptN: N layers checkpointed (graphed), optimizer on the device.
+            variants += [
+                (n, {"checkpointed_layers": int(n[4:]), "optimizer_on_device": True})
+                for n in only or []
+                if n.startswith("ckpt") and n[4:].isdigit()
+            ]
             if only:
                 variants = [v for v in variants if v[0] in only]
+                variants.sort(key=lambda v: only.index(v[0]))
             if dropout != seq_drops[0]:
                 variants = variants[:1]
             # Later rounds repeat every variant on the warm process (the first variant after a
@@ -390,7 +429,8 @@ def run_forge(
                         plan=f"{rep.checkpointed_layers}/{rep.num_layers}"
                         + (" offload" if rep.offload else "")
                         + (" devopt" if rep.optimizer_on_device else "")
-                        + (" absmax" if rep.absmax_cache_gib else ""),
+                        + (" absmax" if rep.absmax_cache_gib else "")
+                        + (f" graphs {rep.graphed_layers}" if rep.graphed_layers else ""),
                         estimate_gib=round(est.total_gib, 3) if est else None,
                         estimate=est.breakdown_gib() if est else None,
                     )
@@ -428,6 +468,82 @@ def run_forge(
             "left_alloc_gib": round(torch.cuda.memory_allocated() / GIB, 3),
         },
     )
+
+
+def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
+    """CUDA-graphed checkpointed layers against the same plan without graphs: same adapters, ids
+    and seeds, so the losses of every step and the gradients of the last (graphs captured at
+    step 2, replayed after) must agree; with dropout 0.1 that also checks that the backward replay
+    recomputes the forward's dropout masks (other masks would move the gradients by far more)."""
+    import torch
+
+    from assistant_forge.training import layer_graphs, speed
+
+    ckpt = make_checkpoint("tiny")
+    vocab = SHAPES["tiny"]["vocab_size"]
+    ids_all = torch.randint(
+        0, vocab, (steps, 1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0)
+    )
+    ok = True
+    for dropout in (0.0, 0.1):
+        cfg = forge_config(ckpt, seq, dropout)
+        model, _info = build_forge(cfg, ids_all[0])
+        runs: dict[bool, dict[str, Any]] = {}
+        for graphs in (False, True):
+            reset_adapters(model, dropout)
+            cfg.train.checkpoint_policy = "all"
+            speed.configure_checkpointing(model, cfg, seq_len=seq, optimizer_on_device=True, graphs=graphs)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = speed.make_optimizer(model, cfg, params, lr=2e-4, weight_decay=1e-2)
+            torch.manual_seed(1)
+            torch.cuda.manual_seed(1)
+            model.train()
+            losses, grads = [], None
+            for k in range(steps):
+                out_ = model(input_ids=ids_all[k], labels=ids_all[k])
+                out_.loss.backward()
+                losses.append(out_.loss.item())
+                del out_  # a live graph keeps stale autograd nodes (default stream) for the capture
+                if k == steps - 1:
+                    grads = torch.cat([p.grad.reshape(-1).float() for p in params])
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            plan = layer_graphs.plan_of(speed.decoder_layers(model))
+            runs[graphs] = {
+                "losses": losses,
+                "grads": grads,
+                "graphed": speed.report(model).graphed_layers,
+                "captured": plan.captured if plan else 0,
+                "failed": plan.failed if plan else None,
+            }
+            del opt, params
+        a, b = runs[False], runs[True]
+        loss_diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+        grad_rel = ((a["grads"] - b["grads"]).norm() / a["grads"].norm()).item()
+        passed = b["captured"] > 0 and b["failed"] is None and loss_diff < 1e-3 and grad_rel < 1e-2
+        ok &= passed
+        emit(
+            out,
+            {
+                "check": "cuda_graphs",
+                "dropout": dropout,
+                "seq": seq,
+                "losses_plain": [round(x, 5) for x in a["losses"]],
+                "losses_graphs": [round(x, 5) for x in b["losses"]],
+                "max_loss_diff": loss_diff,
+                "last_grad_rel_diff": grad_rel,
+                "graphed_layers": b["graphed"],
+                "captured": b["captured"],
+                "failed": b["failed"],
+                "ok": passed,
+            },
+        )
+        del model
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    return ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,6 +691,8 @@ def main() -> int:
     ap.add_argument("--eager-variants", default="all+devopt", help="plans run with eager layers")
     ap.add_argument("--compiled-variants", default="", help="plans run with compiled layers (default: all)")
     ap.add_argument("--check", action="store_true", help="only the kernel checks")
+    ap.add_argument("--graph-check", action="store_true", help="CUDA graphs against the plain path first")
+    ap.add_argument("--graph-check-only", action="store_true", help="only the CUDA graph check")
     ap.add_argument("--rounds", type=int, default=1, help="run the variant list this many times")
     ap.add_argument("--peer-after", action="store_true", help="run the first peer setting again at the end")
     a = ap.parse_args()
@@ -585,7 +703,11 @@ def main() -> int:
     import torch
 
     log(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    if a.graph_check_only:
+        return 0 if graph_check(out) else 1
     check(out)
+    if a.graph_check and not graph_check(out):
+        log("CUDA graph check FAILED")
     seqs = [int(s) for s in a.seqs.split(",")]
     dropouts = [float(d) for d in a.dropouts.split(",")]
     peer_drops = [float(d) for d in a.peer_dropouts.split(",")]

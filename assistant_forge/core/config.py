@@ -101,6 +101,10 @@ class TrainSection(_Section):
         True,
         description="fast path: torch.compile the decoder layers (one compile for all; ~1 min before step 1)",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="fast path: replay each checkpointed layer as CUDA graphs (captured at step 2; one row length)",
+    )
     checkpoint_policy: Literal["auto", "all", "offload", "none"] = Field(
         "auto",
         description="auto: checkpoint only as many layers as the memory budget needs; offload: all, inputs kept on the host",

@@ -150,24 +150,31 @@ class MemoryEstimate:
     absmax_cache: bool = False  # 4-bit absmax kept dequantized (counted in weights)
     zero_stage: int = 0  # DeepSpeed ZeRO stage; the estimate is then per process
     processes: int = 1
+    # Checkpointed layers replay CUDA graphs (training.layer_graphs): their inputs and two gradient
+    # buffers are static (in graph_buffers, never freed), and the graphs' private pool holds one
+    # layer's workspace for good, beside the loss's.
+    graphs: bool = False
+    graph_buffers: int = 0
 
     @property
     def static(self) -> int:
-        return self.weights + self.trainable + self.optimizer + self.overhead
+        return self.weights + self.trainable + self.optimizer + self.overhead + self.graph_buffers
 
     @property
     def total(self) -> int:
-        # Backward frees checkpointed inputs as it allocates adapter gradients, layer by layer (and
-        # both are about the same size per layer), so their sum stays near the larger of the two.
-        backward = (
-            self.static
-            + max(self.gradients, self.checkpoint_inputs)
-            + self.saved_activations
-            + max(self.layer_workspace, self.loss)
-        )
+        if self.graphs:
+            held, work = self.gradients + self.checkpoint_inputs, self.layer_workspace + self.loss
+        else:
+            # Backward frees checkpointed inputs as it allocates adapter gradients, layer by layer
+            # (both about the same size per layer): their sum stays near the larger of the two.
+            held, work = max(self.gradients, self.checkpoint_inputs), max(self.layer_workspace, self.loss)
+        backward = self.static + held + self.saved_activations + work
         # A paged optimizer stepping one flat buffer (speed.FlatParams) gathers a second copy of the
-        # gradients at step time, once activations are gone.
-        flat_step = self.static + 2 * self.gradients if self.optimizer_paged and not self.offload else 0
+        # gradients at step time, once activations are gone (a graph pool stays).
+        pool = self.layer_workspace if self.graphs else 0
+        flat_step = (
+            self.static + 2 * self.gradients + pool if self.optimizer_paged and not self.offload else 0
+        )
         return max(backward, flat_step)
 
     @property
@@ -184,6 +191,7 @@ class MemoryEstimate:
             "absmax_cache",
             "zero_stage",
             "processes",
+            "graphs",
         }
         out = {f.name: round(getattr(self, f.name) / GIB, 3) for f in fields(self) if f.name not in skip}
         out["total"] = round(self.total_gib, 3)
@@ -193,6 +201,8 @@ class MemoryEstimate:
         plan = f"{self.checkpointed_layers}/{self.num_layers} layers checkpointed" + (
             ", inputs offloaded to host" if self.offload else ""
         )
+        if self.graphs:
+            plan += ", replayed as CUDA graphs"
         if self.zero_stage:
             plan += f", per process of {self.processes} under ZeRO-{self.zero_stage}"
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.breakdown_gib().items() if v and k != "total")
@@ -258,12 +268,14 @@ def estimate_memory(
     fused: bool | None = None,
     optimizer_on_device: bool = False,
     absmax_cache: bool | None = None,
+    graphs: bool | None = None,
 ) -> MemoryEstimate:
     """Peak device memory of one training step of `cfg` on the model `model_config` describes.
 
     seq_len: tokens per micro-batch (default: data.max_length x train.micro_batch_size, as packing
     fills each row). checkpointed_layers / offload: the plan (default: what cfg asks for, with
-    `auto` meaning every layer). fused: forge's fast path (default: train.fused_kernels).
+    `auto` meaning every layer). fused: forge's fast path (default: train.fused_kernels). graphs:
+    checkpointed layers replay CUDA graphs (default: train.cuda_graphs with compiled layers).
     """
     shape = model_shape(model_config)
     t = cfg.train
@@ -314,7 +326,17 @@ def estimate_memory(
 
     per_layer = _layer_activations(shape, tokens, fused, dropout, eager)
     d_in = tokens * shape.hidden * BF16
+    if graphs is None:
+        graphs = bool(getattr(t, "cuda_graphs", True)) and compiled_layers(cfg, fused)
+    graphs = graphs and checkpointed_layers > 0 and not offload
     ckpt_inputs = 0 if offload else checkpointed_layers * d_in
+    # Graphs: every layer's input buffer (the last layer's output too), two output-gradient buffers
+    # and one layer's adapter gradients (fp32), allocated once.
+    graph_buffers = (
+        (shape.layers + 3) * d_in + _lora_params(cfg, shape) // shape.layers * FP32 if graphs else 0
+    )
+    if graphs:
+        ckpt_inputs = 0
     saved = (shape.layers - checkpointed_layers) * (per_layer + d_in)
     # Backward of one layer: gradient buffers of its widest activations, a dequantized weight, and
     # (when checkpointed) its recomputed activations.
@@ -355,6 +377,8 @@ def estimate_memory(
         absmax_cache=absmax_cache,
         zero_stage=stage,
         processes=procs,
+        graphs=graphs,
+        graph_buffers=graph_buffers,
     )
 
 
@@ -380,11 +404,16 @@ def fit_checkpointing(
     seq_len: int | None = None,
     fused: bool | None = None,
     margin: float = 0.97,
+    graphs: bool | None = None,
 ) -> MemoryEstimate:
     """The fastest plan whose estimate fits `margin * budget_bytes`.
 
-    Tiers, fastest first (measured on an H200, bench/gpu_notes.md: at batch 1 x 2048 tokens a 7B
-    step is bound by the CPU issuing kernels, so what removes launches beats what removes FLOPs):
+    With CUDA graphs (`graphs`, default: train.cuda_graphs with compiled layers) first: optimizer on
+    the device, then paged, each with the fewest checkpointed layers (graphed) that fit; a
+    graphed 7B/2048 step at 32/32 ran 2.9x the peer against 1.6-1.8x without (bench/RESULTS.md).
+    Then, or without graphs, these tiers, fastest first (measured on an H200, bench/gpu_notes.md:
+    at batch 1 x 2048 tokens a 7B step is bound by the CPU issuing kernels, so what removes
+    launches beats what removes FLOPs):
     1. optimizer state on the device (one fused AdamW kernel instead of bitsandbytes' per-tensor
        paged step) and dequantized absmax, with the fewest checkpointed layers (each one skipped
        saves that layer's recompute);
@@ -396,7 +425,10 @@ def fit_checkpointing(
     budget = int(budget_bytes * margin)
     fused = fast_path_configured(cfg) if fused is None else fused
 
-    def est(n: int, off: bool, dev_opt: bool, absmax: bool = True) -> MemoryEstimate:
+    if graphs is None:
+        graphs = bool(getattr(cfg.train, "cuda_graphs", True)) and compiled_layers(cfg, fused)
+
+    def est(n: int, off: bool, dev_opt: bool, absmax: bool = True, graphed: bool = False) -> MemoryEstimate:
         return estimate_memory(
             cfg,
             model_config,
@@ -406,21 +438,26 @@ def fit_checkpointing(
             fused=fused,
             optimizer_on_device=dev_opt,
             absmax_cache=absmax,
+            graphs=graphed,
         )
 
-    def fewest(dev_opt: bool) -> MemoryEstimate | None:
-        if est(layers, False, dev_opt).total > budget:
+    def fewest(dev_opt: bool, graphed: bool = False) -> MemoryEstimate | None:
+        if est(layers, False, dev_opt, graphed=graphed).total > budget:
             return None
         lo, hi = 0, layers  # memory falls as n grows: bisect for the smallest n that fits
         while lo < hi:
             mid = (lo + hi) // 2
-            if est(mid, False, dev_opt).total <= budget:
+            if est(mid, False, dev_opt, graphed=graphed).total <= budget:
                 hi = mid
             else:
                 lo = mid + 1
-        return est(lo, False, dev_opt)
+        return est(lo, False, dev_opt, graphed=graphed)
 
     can_move_opt = fused and cfg.train.optimizer.startswith("paged_")
+    if graphs:
+        for dev_opt in (True, False) if can_move_opt else (False,):
+            if (plan := fewest(dev_opt, graphed=True)) is not None:
+                return plan
     if can_move_opt and (plan := fewest(True)) is not None:
         return plan
     if can_move_opt and (plan := est(layers, True, True)).total <= budget:

@@ -44,6 +44,7 @@ from typing import Any
 
 from assistant_forge.core import memory as mem
 from assistant_forge.core.config import ForgeConfig
+from assistant_forge.training import layer_graphs
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class SpeedReport:
     fused_loss: bool = False
     fused_lora_modules: int = 0
     compiled_layers: int = 0
+    graphed_layers: int = 0  # checkpointed layers replaying CUDA graphs (training.layer_graphs)
     recast_to_half: int = 0
     checkpointed_layers: int = 0
     num_layers: int = 0
@@ -988,6 +990,11 @@ def _layer_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return self._forge_eager(*args, **kwargs)
     run = self._forge_run
     if self._forge_ckpt and torch.is_grad_enabled():
+        graphs = getattr(self, "_forge_graphs", None)
+        if graphs is not None and len(args) == 1:
+            out = graphs.call(run, args[0], kwargs, _anchor(args[0].device))
+            if out is not None:
+                return out
         return self._forge_ckpt_func(functools.partial(run, **kwargs), *args)
     return run(*args, **kwargs)
 
@@ -1050,6 +1057,7 @@ def configure_checkpointing(
     offload: bool | None = None,
     optimizer_on_device: bool | None = None,
     absmax_cache: bool | None = None,
+    graphs: bool | None = None,
 ) -> mem.MemoryEstimate | None:
     """Set which decoder layers recompute in backward (the first n), whether their inputs go to the
     host, whether a paged optimizer's state may live on the device (see make_optimizer /
@@ -1064,6 +1072,9 @@ def configure_checkpointing(
     model_config = _unwrap(model).config
     est: mem.MemoryEstimate | None = None
     rep.budget_gib = None
+    if graphs is None:  # graphs replay what the compiler made, on a GPU
+        graphs = bool(getattr(cfg.train, "cuda_graphs", True)) and rep.compiled_layers > 0
+        graphs = graphs and next(_unwrap(model).parameters()).is_cuda
     if checkpointed_layers is None:
         if policy == "none":
             checkpointed_layers, offload = 0, False
@@ -1071,7 +1082,7 @@ def configure_checkpointing(
             checkpointed_layers, offload = len(layers), policy == "offload"
         else:
             budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(cfg)
-            est = mem.fit_checkpointing(cfg, model_config, budget, seq_len=seq_len)
+            est = mem.fit_checkpointing(cfg, model_config, budget, seq_len=seq_len, graphs=graphs)
             checkpointed_layers, offload = est.checkpointed_layers, est.offload
             if optimizer_on_device is None:
                 optimizer_on_device = est.optimizer_on_device
@@ -1087,6 +1098,7 @@ def configure_checkpointing(
         or est.optimizer_on_device != optimizer_on_device
         or est.absmax_cache != absmax_cache
         or est.offload != offload
+        or est.checkpointed_layers != checkpointed_layers
     ):
         est = mem.estimate_memory(
             cfg,
@@ -1096,14 +1108,18 @@ def configure_checkpointing(
             offload=offload,
             optimizer_on_device=optimizer_on_device,
             absmax_cache=absmax_cache,
+            graphs=graphs,
         )
     rep.absmax_cache_gib = round(cache_absmax(model, est.absmax_cache) / mem.GIB, 3)
     rep.optimizer_on_device = optimizer_on_device
-    fn = _make_checkpoint_func(offload, _uses_rng(model))
+    rng = _uses_rng(model)
+    fn = _make_checkpoint_func(offload, rng)
     for i, layer in enumerate(layers):
         _own_layer_forward(layer)
         layer._forge_ckpt = i < checkpointed_layers
         layer._forge_ckpt_func = fn
+    # The estimate says whether graphs apply (checkpointed layers, inputs kept on the device).
+    rep.graphed_layers = layer_graphs.attach(layers, checkpointed_layers if est.graphs else 0, rng)
     rep.checkpointed_layers, rep.num_layers, rep.offload = checkpointed_layers, len(layers), offload
     rep.estimate_gib = round(est.total_gib, 2)
     return est
