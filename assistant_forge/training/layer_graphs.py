@@ -25,6 +25,7 @@ after a capture fails (noted in the speed report).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -131,10 +132,9 @@ class GraphPlan:
         try:
             # A recompile inside a capture would run the compiler's own GPU work into the graph:
             # fail cleanly instead (the warm-up above compiled what this call needs).
-            with (
-                torch.compiler.set_stance("fail_on_recompile"),
-                torch.cuda.graph(graph, pool=self.pool, stream=self.stream),
-            ):
+            set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+            no_recompile = set_stance("fail_on_recompile") if set_stance else contextlib.nullcontext()
+            with no_recompile, torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 work()
         except Exception:
             _reset_generator(self.device, rng)

@@ -29,6 +29,10 @@ What each piece does, and why it is faster than the plain transformers + PEFT + 
 * Checkpointing only as many decoder layers as the budget needs (`configure_checkpointing`,
   sized by `core.memory.fit_checkpointing`), and, in the low-memory plan, keeping checkpointed
   inputs in pinned host memory, copied on a side stream so the copies overlap compute.
+* CUDA graphs for the checkpointed compiled layers (`training.layer_graphs`, `train.cuda_graphs`):
+  each layer's forward and its recompute + backward are captured once and replayed as one launch
+  each, so a checkpointed 7B step at 2048 tokens is no longer bound by the CPU issuing kernels
+  (measured 2.9x the peer against 1.6-2.9x without, depending on the machine's CPU).
 
 Everything here is a no-op on CPU or with `train.fused_kernels = false` (unless `force=True`,
 which tests/core/test_speed_path.py uses to check the math on a CPU).
