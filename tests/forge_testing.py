@@ -94,3 +94,17 @@ def stop_if_alive(run: Path) -> None:
         pid = read_json(run / "status.json").get("pid")
         if pid:
             os.kill(int(pid), signal.SIGKILL)
+
+
+def bench_cfg(seq: int, dropout: float, compiled: bool = False) -> Any:
+    """The settings bench/gpu_train.py measures (and the peer runs): QLoRA r 64 on all projections,
+    batch 1, paged AdamW 32-bit. compiled: forge's compiled layers (the measured eager rows: off)."""
+    from assistant_forge.core.config import ForgeConfig
+
+    cfg = ForgeConfig()
+    cfg.data.max_length = seq
+    cfg.lora.method, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = "qlora", 64, 16, dropout
+    cfg.train.micro_batch_size = 1
+    cfg.train.optimizer = "paged_adamw_32bit"
+    cfg.train.compile_layers = compiled
+    return cfg

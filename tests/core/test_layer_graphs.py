@@ -5,9 +5,9 @@ replay graphs, and the memory plans that use them. Capture and replay need a GPU
 from __future__ import annotations
 
 import pytest
+from forge_testing import bench_cfg
 
 from assistant_forge.core import memory as mem
-from assistant_forge.core.config import ForgeConfig
 
 torch = pytest.importorskip("torch")
 
@@ -46,20 +46,11 @@ def test_attach_gives_no_graphs_off_a_gpu() -> None:
     assert layer_graphs.plan_of(layers) is None and layer_graphs.pool_bytes(None) == 0
 
 
-def _cfg(seq: int, dropout: float) -> ForgeConfig:
-    cfg = ForgeConfig()
-    cfg.data.max_length = seq
-    cfg.lora.method, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = "qlora", 64, 16, dropout
-    cfg.train.micro_batch_size = 1
-    cfg.train.optimizer = "paged_adamw_32bit"
-    return cfg
-
-
 LLAMA7B = mem.REFERENCE_SHAPES["7b"]
 
 
 def test_graphed_plan_counts_its_static_buffers_and_pool() -> None:
-    cfg = _cfg(2048, 0.1)
+    cfg = bench_cfg(2048, 0.1, compiled=True)
     plain = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, graphs=False)
     graphed = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, graphs=True)
     d_in = 2048 * 4096 * 2
@@ -79,7 +70,7 @@ def test_graphed_plan_counts_its_static_buffers_and_pool() -> None:
 
 @pytest.mark.parametrize(("dropout", "peer_peak"), [(0.1, 7.00), (0.0, 6.80)])
 def test_fit_at_the_peers_memory_takes_a_graphed_plan(dropout: float, peer_peak: float) -> None:
-    cfg = _cfg(2048, dropout)
+    cfg = bench_cfg(2048, dropout, compiled=True)
     budget = int(peer_peak * mem.GIB)
     plan = mem.fit_checkpointing(cfg, LLAMA7B, budget)
     # Measured on an H200: 30/32 graphed, paged optimizer, 6.63 GiB at both dropouts (the peer:

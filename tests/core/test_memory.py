@@ -8,25 +8,14 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from forge_testing import bench_cfg
 
 from assistant_forge.core import memory as mem
-from assistant_forge.core.config import ForgeConfig
 
 GIB = mem.GIB
 LLAMA7B = mem.REFERENCE_SHAPES["7b"]
 QWEN15B_AS_LLAMA = mem.REFERENCE_SHAPES["1.5b"]
 SHAPES = mem.REFERENCE_SHAPES
-
-
-def bench_cfg(seq: int, dropout: float) -> ForgeConfig:
-    """The settings bench/gpu_train.py measures (and the peer runs)."""
-    cfg = ForgeConfig()
-    cfg.data.max_length = seq
-    cfg.lora.method, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = "qlora", 64, 16, dropout
-    cfg.train.micro_batch_size = 1
-    cfg.train.optimizer = "paged_adamw_32bit"
-    cfg.train.compile_layers = False  # MEASURED's peaks were taken with eager layers
-    return cfg
 
 
 def test_module_does_not_import_torch() -> None:
