@@ -5,7 +5,8 @@ Pure arithmetic (no torch import): the TUI and `forge train --dry-run` can call 
 
 The numbers model forge's own fast path (bf16 residual stream, fused LoRA, chunked fused
 cross-entropy, Liger RMSNorm/RoPE/SwiGLU) and, with `fused=False`, the plain transformers + PEFT
-path. They estimate torch's *peak allocated* memory (`torch.cuda.max_memory_allocated`); the
+path. They estimate torch's *peak allocated* memory (`torch.cuda.max_memory_allocated`, plus the
+private pool of CUDA-graphed layers, which that figure does not see while graphs replay); the
 CUDA context (~0.5 GiB) and allocator slack come on top of that in `nvidia-smi`. Constants were
 checked against measured peaks on an H200 (bench/gpu_notes.md).
 """

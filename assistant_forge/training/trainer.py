@@ -35,7 +35,7 @@ from assistant_forge.core.runs import (
 )
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
-from assistant_forge.training import distributed, speed, zero
+from assistant_forge.training import distributed, layer_graphs, speed, zero
 from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
 from assistant_forge.training.modeling import build_model, pick_device
 
@@ -224,10 +224,17 @@ def _as_disk_full(e: BaseException, folder: Path | None = None) -> BaseException
     return e
 
 
-def _mem_gib() -> float | None:
+def _mem_gib(model: Any = None) -> float | None:
+    """Peak GPU memory so far: torch's allocated peak, plus the private pool the CUDA-graphed layers
+    replay in (torch's allocated figure does not see it while they run)."""
     import torch
 
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    pool = (
+        layer_graphs.pool_bytes(layer_graphs.plan_of(speed.decoder_layers(model))) if model is not None else 0
+    )
+    return round((torch.cuda.max_memory_allocated() + pool) / 2**30, 2)
 
 
 class RunCallback(TrainerCallback):
@@ -291,7 +298,7 @@ class RunCallback(TrainerCallback):
             "grad_norm": round(float(logs["grad_norm"]), 4) if logs.get("grad_norm") is not None else None,
             "tokens_per_s": round(tps, 1),
             "tokens_seen": tokens,
-            "mem_gib": _mem_gib(),
+            "mem_gib": _mem_gib(kw.get("model")),
             "eta_s": round(eta, 1) if eta is not None else None,
             "time": now_iso(),
         }
