@@ -297,6 +297,7 @@ class ConfigScreen(StepScreen):
                 f"GPU memory ≈ [b]{est.total_gib:.2f} GiB[/] peak"
                 f"{' per GPU' if cfg.train.processes > 1 else ''} · {est.seq_len} tokens/step · "
                 f"{est.checkpointed_layers}/{est.num_layers} layers ckpt"
+                f"{' as CUDA graphs' if est.graphs else ''}"
             )
         )
 
