@@ -94,14 +94,15 @@ class GraphPlan:
         self._kw_source = list(leaves)
         self.kwargs = tree_unflatten(self._kw_static, spec)
 
-    def load_kwargs(self, kwargs: dict[str, Any]) -> None:
-        """Copy this call's tensor arguments into the static ones (once a step: every layer gets
-        the same tensors, so later layers find them already there)."""
+    def load_kwargs(self, kwargs: dict[str, Any], first: bool) -> None:
+        """Copy this call's tensor arguments into the static ones: always at the first layer (a
+        tensor reused across steps may have changed in place), after that only tensors other than
+        the ones copied (every layer of a step normally gets the same ones)."""
         import torch
         from torch.utils._pytree import tree_leaves
 
         for j, leaf in enumerate(tree_leaves(kwargs)):
-            if isinstance(leaf, torch.Tensor) and leaf is not self._kw_source[j]:
+            if isinstance(leaf, torch.Tensor) and (first or leaf is not self._kw_source[j]):
                 self._kw_static[j].copy_(leaf)
                 self._kw_source[j] = leaf
 
@@ -241,7 +242,7 @@ class LayerGraphs:
     def _load(self, hidden: Any, kwargs: dict[str, Any]) -> None:
         if hidden.data_ptr() != self._x.data_ptr():
             self._x.copy_(hidden)
-        self.plan.load_kwargs(kwargs)
+        self.plan.load_kwargs(kwargs, first=self.index == 0)
 
     def _autocast_ctx(self) -> Any:
         import torch
