@@ -327,17 +327,15 @@ def estimate_memory(
 
     per_layer = _layer_activations(shape, tokens, fused, dropout, eager)
     d_in = tokens * shape.hidden * BF16
-    if graphs is None:
-        graphs = bool(getattr(t, "cuda_graphs", True)) and compiled_layers(cfg, fused)
-    graphs = graphs and checkpointed_layers > 0 and not offload
-    ckpt_inputs = 0 if offload else checkpointed_layers * d_in
+    graphs = (graphs_configured(cfg, fused) if graphs is None else graphs) and checkpointed_layers > 0
+    graphs = graphs and not offload
+    # Graphed layers keep their inputs in static buffers (graph_buffers below).
+    ckpt_inputs = 0 if offload or graphs else checkpointed_layers * d_in
     # Graphs: every layer's input buffer (the last layer's output too), two output-gradient buffers
     # and one layer's adapter gradients (fp32), allocated once.
     graph_buffers = (
         (shape.layers + 3) * d_in + _lora_params(cfg, shape) // shape.layers * FP32 if graphs else 0
     )
-    if graphs:
-        ckpt_inputs = 0
     saved = (shape.layers - checkpointed_layers) * (per_layer + d_in)
     # Backward of one layer: gradient buffers of its widest activations, a dequantized weight, and
     # (when checkpointed) its recomputed activations.
@@ -397,6 +395,12 @@ def compiled_layers(cfg: ForgeConfig, fused: bool | None = None) -> bool:
     return bool(fused and cfg.lora.method != "full" and getattr(cfg.train, "compile_layers", True))
 
 
+def graphs_configured(cfg: ForgeConfig, fused: bool | None = None) -> bool:
+    """Whether the config has checkpointed layers replay CUDA graphs (training.layer_graphs): with
+    compiled layers and train.cuda_graphs on (on a GPU; the estimate assumes one)."""
+    return bool(getattr(cfg.train, "cuda_graphs", True)) and compiled_layers(cfg, fused)
+
+
 def fit_checkpointing(
     cfg: ForgeConfig,
     model_config: dict[str, Any] | Any,
@@ -427,7 +431,7 @@ def fit_checkpointing(
     fused = fast_path_configured(cfg) if fused is None else fused
 
     if graphs is None:
-        graphs = bool(getattr(cfg.train, "cuda_graphs", True)) and compiled_layers(cfg, fused)
+        graphs = graphs_configured(cfg, fused)
 
     def est(n: int, off: bool, dev_opt: bool, absmax: bool = True, graphed: bool = False) -> MemoryEstimate:
         return estimate_memory(

@@ -57,11 +57,11 @@ class GraphPlan:
     """What the graphed layers of one model share: the pool, the capture stream, the static
     buffers of the one graphed signature, and whether graphs are still on."""
 
-    def __init__(self, num_layers: int, device: Any, rng: bool, scratch_numel: int) -> None:
+    def __init__(self, num_layers: int, device: Any, rng: bool) -> None:
         import torch
 
         self.num_layers = num_layers
-        self.scratch_numel = scratch_numel
+        self.scratch_numel = 1  # the largest graphed layer's adapter size (attach sets it)
         self.device = device
         self.rng = rng
         self.pool = torch.cuda.graph_pool_handle()
@@ -172,7 +172,7 @@ def _describe(e: BaseException) -> str:
 class LayerGraphs:
     """One checkpointed decoder layer's forward and backward graphs."""
 
-    def __init__(self, plan: GraphPlan | None, index: int, layer: Any) -> None:
+    def __init__(self, plan: GraphPlan, index: int, layer: Any) -> None:
         self.plan = plan
         self.index = index
         self.params = [p for p in layer.parameters() if p.requires_grad]
@@ -355,11 +355,10 @@ def attach(layers: list[Any], checkpointed: int, rng: bool) -> int:
         return 0
     if device.type != "cuda":
         return 0
-    graphed = [LayerGraphs(None, i, layer) for i, layer in enumerate(layers[:checkpointed])]
-    plan = GraphPlan(len(layers), device, rng, max(max(g.numel for g in graphed), 1))
-    for layer, g in zip(layers, graphed):
-        g.plan = plan
-        layer._forge_graphs = g
+    plan = GraphPlan(len(layers), device, rng)
+    for i, layer in enumerate(layers[:checkpointed]):
+        layer._forge_graphs = LayerGraphs(plan, i, layer)
+        plan.scratch_numel = max(plan.scratch_numel, layer._forge_graphs.numel)
     return checkpointed
 
 

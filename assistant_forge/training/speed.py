@@ -1077,7 +1077,7 @@ def configure_checkpointing(
     est: mem.MemoryEstimate | None = None
     rep.budget_gib = None
     if graphs is None:  # graphs replay what the compiler made, on a GPU
-        graphs = bool(getattr(cfg.train, "cuda_graphs", True)) and rep.compiled_layers > 0
+        graphs = mem.graphs_configured(cfg) and rep.compiled_layers > 0
         graphs = graphs and next(_unwrap(model).parameters()).is_cuda
     if checkpointed_layers is None:
         if policy == "none":
