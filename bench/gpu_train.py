@@ -300,12 +300,15 @@ def train_steps(
     return res
 
 
-def one_step(model: Any, opt: Any, params: Any, ids: Any) -> Any:
-    """The peer's step: forward with labels = ids, backward, clip to 1.0, update. Returns the loss."""
+def one_step(model: Any, opt: Any, params: Any, ids: Any, on_grads: Any = None) -> Any:
+    """The peer's step: forward with labels = ids, backward, clip to 1.0, update. Returns the loss.
+    on_grads(params), when given, sees the gradients before clipping."""
     import torch
 
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
+    if on_grads is not None:
+        on_grads(params)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -498,21 +501,21 @@ def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
             torch.manual_seed(1)
             torch.cuda.manual_seed(1)
             model.train()
-            losses, grads = [], None
+            # one_step drops the step's output before the next forward: a live autograd graph
+            # would hold nodes tied to the default stream, and the backward capture fails on them.
+            losses: list[float] = []
+            grads: list[Any] = []
+
+            def keep_grads(ps: Any, into: list[Any] = grads) -> None:
+                into.append(torch.cat([p.grad.reshape(-1).float() for p in ps]))
+
             for k in range(steps):
-                out_ = model(input_ids=ids_all[k], labels=ids_all[k])
-                out_.loss.backward()
-                losses.append(out_.loss.item())
-                del out_  # a live graph keeps stale autograd nodes (default stream) for the capture
-                if k == steps - 1:
-                    grads = torch.cat([p.grad.reshape(-1).float() for p in params])
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                last = k == steps - 1
+                losses.append(one_step(model, opt, params, ids_all[k], keep_grads if last else None).item())
             plan = layer_graphs.plan_of(speed.decoder_layers(model))
             runs[graphs] = {
                 "losses": losses,
-                "grads": grads,
+                "grads": grads[0],
                 "graphed": speed.report(model).graphed_layers,
                 "captured": plan.captured if plan else 0,
                 "failed": plan.failed if plan else None,
