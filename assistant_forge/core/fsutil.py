@@ -11,11 +11,17 @@ from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_lines(path, [text])
+
+
+def atomic_write_lines(path: Path, chunks: Iterable[str]) -> None:
+    """Write text produced piece by piece (a million rows need not be held at once); an exception from
+    `chunks` leaves any earlier file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.writelines(chunks)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,7 +36,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_lines(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
