@@ -40,9 +40,34 @@ class ModelSection(_Section):
         return v
 
 
+class DataSource(_Section):
+    """One data source with options: `{path = "hf:owner/name:train", max_rows = 5000}`."""
+
+    path: str = Field(description="a file, a folder, a save_to_disk folder, or hf:owner/name[:split]")
+    config: str | None = Field(None, description="the hub dataset's configuration (subset)")
+    split: str | None = Field(
+        None, description="split of a folder or save_to_disk dataset dict (default train)"
+    )
+    columns: dict[str, str] | None = Field(
+        None, description="prompt/response/system field names for this source"
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="use at most this many rows, drawn with the run's seed"
+    )
+    ratio: float | None = Field(
+        None,
+        gt=0,
+        description="general data: this many rows per row of data.files, drawn with the run's seed",
+    )
+
+
 class DataSection(_Section):
-    files: list[str] = Field(
-        default_factory=list, description="datasets in any format `forge data convert` reads"
+    files: list[str | DataSource] = Field(
+        default_factory=list, description="datasets in any format and source `forge data convert` reads"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="field names of prompt/response rows, e.g. {prompt = 'question', response = 'answer'}",
     )
     max_length: int = Field(2048, ge=16, le=1_048_576)
     packing: bool = Field(True, description="pack samples to max_length; samples never attend to each other")
@@ -55,9 +80,21 @@ class DataSection(_Section):
     replay_prompts: int = Field(
         64, ge=0, description="how many generic prompts the base model answers for replay"
     )
-    general_files: list[str] = Field(
-        default_factory=list, description="general chat data mixed in to keep abilities"
+    general_files: list[str | DataSource] = Field(
+        default_factory=list,
+        description="general chat data mixed in to keep abilities (de-duplicated; max_rows / ratio per source)",
     )
+    num_proc: int = Field(
+        0, ge=0, le=64, description="processes that tokenize (0: one per CPU core, at most 8)"
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(v) - {"prompt", "response", "system"})
+        if bad:
+            raise ValueError(f"unknown column role {bad[0]!r}, expected prompt, response or system")
+        return v
 
 
 class LoraSection(_Section):
@@ -217,8 +254,8 @@ def load_config(path: str | Path) -> ForgeConfig:
     cfg = parse_config(raw, str(path))
     # Relative dataset paths are relative to the config file, like XTuner's configs.
     base = path.resolve().parent
-    cfg.data.files = [str(_rel(base, f)) for f in cfg.data.files]
-    cfg.data.general_files = [str(_rel(base, f)) for f in cfg.data.general_files]
+    cfg.data.files = [_rel_source(base, f) for f in cfg.data.files]
+    cfg.data.general_files = [_rel_source(base, f) for f in cfg.data.general_files]
     if (
         cfg.model.path != "demo"
         and not _expand(cfg.model.path).is_absolute()
@@ -238,6 +275,15 @@ def _expand(p: str) -> Path:
 def _rel(base: Path, p: str) -> Path:
     q = _expand(p)
     return q if q.is_absolute() else base / q
+
+
+def _rel_source(base: Path, src: str | DataSource) -> str | DataSource:
+    """A local path relative to the config file; a hub id (hf:...) as it is."""
+    path = src if isinstance(src, str) else src.path
+    if path.startswith("hf:"):
+        return src
+    resolved = str(_rel(base, path))
+    return resolved if isinstance(src, str) else src.model_copy(update={"path": resolved})
 
 
 def save_config(cfg: ForgeConfig, path: str | Path, header: str = "") -> None:
