@@ -215,12 +215,13 @@ def _link_into_runs_dir(run: Path) -> None:
 
 def preflight(cfg: ForgeConfig) -> None:
     """Fail before launching, with file:line, rather than inside the detached trainer."""
-    from assistant_forge.core.dataset import load_many
+    from assistant_forge.core.mixing import build_mix
     from assistant_forge.core.models import check_model_code, resolve_model
 
     if not cfg.data.files:
         raise ForgeError("The config lists no training data; set data.files.")
-    load_many(cfg.data.files + cfg.data.general_files)
+    # Converts and validates every source into the datasets cache, which the trainer then reuses.
+    build_mix(cfg.data.files, cfg.data.general_files, cfg.data.columns, cfg.train.seed)
     check_model_code(resolve_model(cfg.model.path), cfg.model.path, cfg.model.trust_remote_code)
     if cfg.lora.method == "qlora":
         from assistant_forge.training.modeling import check_4bit_available

@@ -18,7 +18,6 @@ from transformers.trainer_callback import PrinterCallback
 
 from assistant_forge.core.chat import generate_answers
 from assistant_forge.core.config import ForgeConfig
-from assistant_forge.core.dataset import load_many
 from assistant_forge.core.encoding import with_system
 from assistant_forge.core.fsutil import append_jsonl, atomic_write_json, atomic_write_jsonl, restrict_umask
 from assistant_forge.core.models import quiet_transformers
@@ -36,7 +35,13 @@ from assistant_forge.core.runs import (
 from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
 from assistant_forge.training import distributed, layer_graphs, speed, zero
-from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
+from assistant_forge.training.data import (
+    FlatCollator,
+    encode_dataset,
+    encode_records,
+    pack_dataset,
+    replay_draw,
+)
 from assistant_forge.training.modeling import build_model, pick_device
 
 ERROR_LOG = "error.log"
@@ -373,6 +378,32 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     return recs
 
 
+def _conversations(cfg: ForgeConfig) -> Any:
+    from assistant_forge.core.mixing import build_mix
+
+    mix, reports = build_mix(cfg.data.files, cfg.data.general_files, cfg.data.columns, cfg.train.seed)
+    if distributed.is_main():
+        for r in reports:
+            dup = f", {r.duplicates} duplicates dropped" if r.duplicates else ""
+            print(f"data: {r.label}: {r.used} of {r.rows} conversations{dup}", flush=True)
+    return mix
+
+
+def _samples(cfg: ForgeConfig, tok: Any, template: Any, conversations: Any, extra: list[dict]) -> Any:
+    """Token ids and labels of the conversations (datasets map, cached) and of the replay answers."""
+    from datasets import Dataset, concatenate_datasets
+
+    d = cfg.data
+    samples = encode_dataset(conversations, tok, template, d.max_length, d.system_prompt, d.num_proc)
+    if not extra:
+        return samples
+    replayed = encode_records(tok, template, extra, d.max_length, d.system_prompt)
+    replayed_ds = Dataset.from_list(
+        [{**s, "length": len(s["input_ids"])} for s in replayed], features=samples.features
+    )
+    return concatenate_datasets([samples, replayed_ds])
+
+
 def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) -> TrainingArguments:
     import torch
 
@@ -423,7 +454,6 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
 def train_run(run: Path, resume: bool = False) -> str:
     """Train the run in this process; returns the final state. The caller holds the run lock."""
     import torch
-    from datasets import Dataset
 
     quiet_transformers()  # progress bars make train.log unreadable; events.jsonl has the progress
     cfg = run_config(run)
@@ -434,9 +464,13 @@ def train_run(run: Path, resume: bool = False) -> str:
     device = pick_device(cfg)
     distributed.init(device)
     say = print if distributed.is_main() else _quiet
-    records = load_many(cfg.data.files) + load_many(cfg.data.general_files)
-    if not records:
+    if not cfg.data.files:
         raise ForgeError("The config lists no training data; set data.files.")
+    # Rank 0 converts (and caches) the data first; the others then read the cache.
+    conversations = _conversations(cfg) if distributed.is_main() else None
+    distributed.barrier()
+    if conversations is None:
+        conversations = _conversations(cfg)
     say(f"loading {cfg.model.path} ({cfg.lora.method}) on {device}", flush=True)
     stage = cfg.train.zero_stage
     if distributed.world_size() > 1:
@@ -451,15 +485,19 @@ def train_run(run: Path, resume: bool = False) -> str:
     distributed.barrier()
     if not distributed.is_main():
         replay = build_replay(run, cfg, model, tok)
-    records = mix_replay(records, replay, cfg.data.replay_ratio, cfg.train.seed)
+    extra = replay_draw(len(conversations), replay, cfg.data.replay_ratio, cfg.train.seed)
     template = get_template(cfg.model.chat_template)
-    samples = encode_records(tok, template, records, cfg.data.max_length, cfg.data.system_prompt)
-    if not samples:
+    t0 = time.time()
+    samples = _samples(cfg, tok, template, conversations, extra) if distributed.is_main() else None
+    distributed.barrier()
+    if samples is None:
+        samples = _samples(cfg, tok, template, conversations, extra)
+    rows = pack_dataset(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)
+    if not len(rows):
         raise ForgeError("No sample has an assistant token within data.max_length; nothing to learn from.")
-    rows = pack(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)
     say(
-        f"{len(records)} conversations ({len(replay)} replay answers available) -> {len(samples)} samples "
-        f"-> {len(rows)} rows of <= {cfg.data.max_length} tokens",
+        f"{len(conversations) + len(extra)} conversations ({len(replay)} replay answers available) -> "
+        f"{len(rows)} rows of <= {cfg.data.max_length} tokens ({time.time() - t0:.1f} s)",
         flush=True,
     )
     if distributed.is_main():
@@ -486,7 +524,7 @@ def train_run(run: Path, resume: bool = False) -> str:
     trainer = ForgeTrainer(
         model=model,
         args=training_args(run, cfg, device, **overrides),
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=rows,
         data_collator=FlatCollator(),
         callbacks=[RunCallback(run, cfg, tok, len(rows))],
         optimizers=optimizers,
