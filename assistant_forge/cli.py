@@ -85,10 +85,30 @@ def cmd_data_identity(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_check(a: argparse.Namespace) -> int:
-    from assistant_forge.core.dataset import load_records
+def _source(a: argparse.Namespace, spec: str, columns: dict | None = None) -> Any:
+    """The CLI's SOURCE argument with --split, --hf-config and --column applied."""
+    from assistant_forge.core.sources import Source
 
-    _, stats = load_records(a.file)
+    cols = dict(columns or {})
+    for item in a.column or []:
+        role, sep, name = item.partition("=")
+        if not sep or role not in ("prompt", "response", "system") or not name:
+            raise ForgeError(f"--column {item!r}: expected prompt=NAME, response=NAME or system=NAME.")
+        cols[role] = name
+    return Source(spec, config=a.hf_config, split=a.split, columns=cols or None)
+
+
+def cmd_data_check(a: argparse.Namespace) -> int:
+    from assistant_forge.core.dataset import check_records
+
+    if a.source.endswith(".toml"):
+        return _check_config(a)
+    if a.preset:
+        from assistant_forge.core.presets import resolve_config
+
+        cfg, _ = resolve_config(a.preset)
+        return _check_mix(a, cfg, [_source(a, a.source, cfg.data.columns)], [])
+    stats = check_records(_source(a, a.source))
     d = stats.to_dict()
     if a.json:
         print(json.dumps(d, ensure_ascii=False))
@@ -96,32 +116,97 @@ def cmd_data_check(a: argparse.Namespace) -> int:
         turns = ", ".join(f"{k} {v}" for k, v in sorted(d["turns"].items()))
         fmts = ", ".join(f"{k} {v}" for k, v in d["formats"].items())
         print(
-            f"{a.file}: {d['records']} conversations OK ({turns}; formats: {fmts}; {d['chars']} characters)"
+            f"{a.source}: {d['records']} conversations OK ({turns}; formats: {fmts}; {d['chars']} characters)"
         )
     return 0
 
 
-def cmd_data_convert(a: argparse.Namespace) -> int:
-    from assistant_forge.core.dataset import load_records, write_records
+def _check_config(a: argparse.Namespace) -> int:
+    """Every source of a config, mixed as a run mixes them, with its tokenizer's length statistics."""
+    from assistant_forge.core.config import load_config
 
-    recs, stats = load_records(a.input)
-    write_records(recs, a.output)
-    print(f"wrote {len(recs)} conversations to {a.output} (from {', '.join(stats.formats)})")
+    cfg = load_config(a.source)
+    if a.preset:
+        from assistant_forge.core.presets import resolve_config
+
+        cfg.model = resolve_config(a.preset)[0].model
+    if not cfg.data.files:
+        raise ForgeError(f"{a.source}: the config lists no training data; set data.files.")
+    return _check_mix(a, cfg, cfg.data.files, cfg.data.general_files)
+
+
+def _check_mix(a: argparse.Namespace, cfg: Any, files: list, general: list) -> int:
+    from assistant_forge.core.mixing import build_mix
+
+    mix, reports = build_mix(files, general, cfg.data.columns, cfg.train.seed)
+    out: dict[str, Any] = {"sources": [r.to_dict() for r in reports], "conversations": len(mix)}
+    if not a.no_tokens:
+        out["tokens"] = _token_stats(cfg, mix)
+    if a.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    for r in reports:
+        fmts = ", ".join(f"{k} {v}" for k, v in sorted(r.formats.items()))
+        dup = f", {r.duplicates} duplicates dropped" if r.duplicates else ""
+        kind = "general" if r.general else "data"
+        print(f"{kind} {r.label}: {r.rows} conversations OK, {r.used} used{dup} (formats: {fmts})")
+    print(f"total: {len(mix)} conversations")
+    t = out.get("tokens")
+    if t:
+        print(_format_tokens(t, cfg))
+    return 0
+
+
+def _token_stats(cfg: Any, mix: Any) -> dict:
+    from assistant_forge.core.encoding import load_tokenizer
+    from assistant_forge.core.models import resolve_model
+    from assistant_forge.core.templates import get_template
+    from assistant_forge.training.data import encode_dataset, length_stats
+
+    template = get_template(cfg.model.chat_template)
+    tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
+    d = cfg.data
+    samples = encode_dataset(mix, tok, template, d.max_length, d.system_prompt, d.num_proc)
+    return {"tokenizer": cfg.model.path, "max_length": d.max_length, **length_stats(samples, d.max_length)}
+
+
+def _format_tokens(t: dict, cfg: Any) -> str:
+    if not t["samples"]:
+        return f"tokens ({t['tokenizer']}): no sample keeps an assistant token within max_length {t['max_length']}"
+    lines = [
+        f"tokens ({t['tokenizer']}, max_length {t['max_length']}): {t['samples']} samples, {t['tokens']} tokens; "
+        f"mean {t['mean']}, min {t['min']}, p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']}",
+        f"max_length truncates {t['truncated']} samples and leaves no assistant token in {t['dropped']} (dropped)",
+    ]
+    top = max(c for _, _, c in t["histogram"]) or 1
+    for lo, hi, c in t["histogram"]:
+        lines.append(f"  {lo:>7}-{hi:<7} {'#' * round(40 * c / top):<40} {c}")
+    return "\n".join(lines)
+
+
+def cmd_data_convert(a: argparse.Namespace) -> int:
+    from assistant_forge.core.dataset import DatasetStats, iter_records, write_records
+
+    stats = DatasetStats()
+    write_records(iter_records(_source(a, a.input), stats=stats), a.output)
+    print(f"wrote {stats.records} conversations to {a.output} (from {', '.join(stats.formats)})")
     return 0
 
 
 def cmd_data_preview(a: argparse.Namespace) -> int:
-    from assistant_forge.core.dataset import load_records
+    from itertools import islice
+
+    from assistant_forge.core.dataset import iter_records
     from assistant_forge.core.encoding import encode_chat, load_tokenizer, render_loss_preview, with_system
     from assistant_forge.core.models import resolve_model
     from assistant_forge.core.presets import resolve_config
     from assistant_forge.core.templates import get_template
 
     cfg, _ = resolve_config(a.preset)
-    recs, _ = load_records(a.file)
+    recs = list(islice(iter_records(_source(a, a.file, cfg.data.columns)), a.n))
     template = get_template(cfg.model.chat_template)
     tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
-    for i, rec in enumerate(recs[: a.n]):
+    for i, rec in enumerate(recs):
         enc = encode_chat(
             tok, template, with_system(rec["messages"], cfg.data.system_prompt), cfg.data.max_length
         )
@@ -446,18 +531,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fact", action="append", help="a persona fact (repeatable)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("-o", "--output", required=True)
-    sp = add(dt, "check", cmd_data_check, "validate a dataset and print counts")
-    sp.add_argument("file")
-    sp.add_argument("--json", action="store_true")
-    sp = add(
-        dt, "convert", cmd_data_convert, "convert messages/ShareGPT/Alpaca/XTuner data to messages JSONL"
+    source_help = (
+        "a JSON/JSONL/Parquet/CSV/TSV file, a folder of them, a save_to_disk folder, or hf:owner/name[:split]"
     )
-    sp.add_argument("input")
+
+    def source_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--split", help="split of a folder or save_to_disk dataset (default train)")
+        sp.add_argument("--hf-config", help="configuration (subset) of a hub dataset")
+        sp.add_argument(
+            "--column",
+            action="append",
+            metavar="ROLE=NAME",
+            help="field of prompt/response rows, e.g. prompt=question (repeatable)",
+        )
+
+    sp = add(
+        dt,
+        "check",
+        cmd_data_check,
+        "validate a dataset (or every source of a config.toml) and print counts and token lengths",
+    )
+    sp.add_argument("source", help=source_help + "; or a config .toml: all its sources, mixed")
+    sp.add_argument("--preset", help="preset or config whose tokenizer measures token lengths")
+    sp.add_argument("--no-tokens", action="store_true", help="skip token lengths (no tokenizer needed)")
+    sp.add_argument("--json", action="store_true")
+    source_options(sp)
+    sp = add(dt, "convert", cmd_data_convert, "convert any supported dataset to messages JSONL")
+    sp.add_argument("input", help=source_help)
     sp.add_argument("-o", "--output", required=True)
+    source_options(sp)
     sp = add(dt, "preview", cmd_data_preview, "show templated samples with the tokens that carry loss marked")
-    sp.add_argument("file")
+    sp.add_argument("file", help=source_help)
     sp.add_argument("--preset", required=True, help="preset name or config file")
     sp.add_argument("-n", type=int, default=2, help="how many samples")
+    source_options(sp)
 
     sp = add(sub, "train", cmd_train, "train from a config (a detached process; Ctrl-C only stops watching)")
     sp.add_argument("config", help="config file or preset name; with --resume, a run")

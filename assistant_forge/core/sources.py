@@ -21,6 +21,7 @@ from assistant_forge.core.formats import DatasetError, _first_line
 HF_PREFIX = "hf:"
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 JSON_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = (*JSON_SUFFIXES, *TABLE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,13 @@ def _json_array(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
 def quiet_datasets() -> None:
     """No progress bars or cache notices: the CLI prints one line per problem, train.log stays readable."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Errors reach the user as one DatasetError; the libraries' own log lines (a reader's error, the
+    # Hub client's retries) would only repeat it.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    hub_logging.set_verbosity(hub_logging.CRITICAL)
 
 
 def open_table(src: Source) -> Any:
@@ -206,6 +211,10 @@ def open_table(src: Source) -> Any:
                 return _split(loaded, src.label, src.split or "train")
             return loaded
         if kind == "folder":
+            if not any(p.suffix.lower() in DATA_SUFFIXES for p in Path(src.spec).rglob("*") if p.is_file()):
+                raise DatasetError(
+                    f"{src.spec}: the folder holds no data files ({', '.join(DATA_SUFFIXES)})."
+                )
             return datasets.load_dataset(str(src.spec), split=src.split or "train")
         builder = "csv" if kind in ("csv", "tsv") else kind
         extra = {"delimiter": "\t"} if kind == "tsv" else {}
@@ -241,8 +250,8 @@ def _explain(e: Exception, src: Source, kind: str) -> DatasetError:
         if isinstance(e, ConnectionError) or "offline" in text.lower():
             return DatasetError(
                 f"{src.label} is not in the local datasets cache and the Hub cannot be reached "
-                f"(offline: {text}); load it once on a machine with internet and copy "
-                f"{_datasets_cache()} here, or point HF_HOME at such a cache."
+                f"({text}); load it once on a machine with internet and copy its datasets cache "
+                f"({_datasets_cache()}) here, or point HF_HOME at such a cache."
             )
         if "Unknown split" in text:
             return DatasetError(f"{src.label}: {text.rstrip('.')}.")
@@ -251,9 +260,11 @@ def _explain(e: Exception, src: Source, kind: str) -> DatasetError:
                 f"{src.label}: {text.rstrip('.')} ({_first_line(cause)}).".replace(" ().", ".")
             )
         return DatasetError(f"{src.label}: cannot be loaded ({text}).")
-    what = {"saved": "a save_to_disk folder", "folder": "a folder of data files"}.get(
-        kind, f"a {kind.upper()} file"
-    )
+    what = {
+        "saved": "a save_to_disk folder",
+        "folder": "a folder of data files",
+        "parquet": "a Parquet file",
+    }.get(kind, f"a {kind.upper()} file")
     detail = _first_line(cause) if cause is not e else text
     return DatasetError(f"{src.spec}: cannot be read as {what} ({detail}).")
 
