@@ -73,7 +73,11 @@ class DatasetScreen(StepScreen):
             classes="status-line",
         )
         with Horizontal(classes="button-row"):
-            yield Input(DEFAULT_FILE, placeholder="file to save to or import from", id="ds-path")
+            yield Input(
+                DEFAULT_FILE,
+                placeholder="file to save to; to import: a file, folder or hf:owner/name[:split]",
+                id="ds-path",
+            )
             yield Button("Generate", id="ds-generate", variant="primary")
             yield Button("Import", id="ds-import")
             yield Button("Save", id="ds-save", variant="success")
@@ -191,8 +195,11 @@ class DatasetScreen(StepScreen):
         return Path(self.query_one("#ds-path", Input).value.strip() or DEFAULT_FILE).expanduser()
 
     def action_import_file(self) -> None:
-        self.query_one("#data-msg", Static).update(f"reading {self._path()}…")
-        self.import_worker(str(self._path()))
+        # Any source `forge data convert` reads: JSON/JSONL/Parquet/CSV, a folder, hf:owner/name.
+        value = self.query_one("#ds-path", Input).value.strip()
+        source = value if value.startswith("hf:") else str(self._path())
+        self.query_one("#data-msg", Static).update(f"reading {source}…")
+        self.import_worker(source)
 
     @work(thread=True, exclusive=True, group="import")
     def import_worker(self, path: str) -> None:
