@@ -10,6 +10,7 @@ from assistant_forge.errors import ForgeError
 REQUIRED_PRESETS = {
     "demo-cpu-lora",
     "internlm2_5-7b-chat-qlora",
+    "internlm2_5-7b-chat-qlora-oasst1",
     "internlm2-chat-1_8b-qlora",
     "qwen2_5-0_5b-instruct-qlora",
     "qwen2_5-1_5b-instruct-qlora",
