@@ -14,9 +14,7 @@ from assistant_forge.core.templates import resolve, shipped
 from assistant_forge.errors import ForgeError
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "fixtures" / "templates" / "golden.json").read_text())
-FAMILIES = {"qwen2_5": "qwen2_5", "llama3_1": "llama3_1", "mistral_v3": "mistral_v3", "internlm2_5": "internlm2_5"}
-FAMILIES["yi_1_5"] = "yi_1_5"
-# Each family's end-of-turn text, and the specials its template writes.
+# Each family (golden.json's key is also the shipped template's name) and its end-of-turn text.
 END = {
     "qwen2_5": "<|im_end|>",
     "llama3_1": "<|eot_id|>",
@@ -24,6 +22,7 @@ END = {
     "internlm2_5": "<|im_end|>",
     "yi_1_5": "<|im_end|>",
 }
+FAMILIES = sorted(END)
 SPECIALS = [
     "<|im_start|>",
     "<|im_end|>",
@@ -39,14 +38,14 @@ SPECIALS = [
 ]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("conv", ["a", "b", "c", "d"])
 def test_shipped_templates_render_the_golden_strings(family, conv):
     spec = GOLDEN["families"][family]
     c = GOLDEN["conversations"][conv]
     out, _ = render_jinja_template(
         conversations=[c["messages"]],
-        chat_template=shipped(FAMILIES[family]),
+        chat_template=shipped(family),
         add_generation_prompt=c["add_generation_prompt"],
         **spec["template_variables"],
     )
@@ -60,11 +59,11 @@ def _family_tok(demo_tok, family: str):
     variables = GOLDEN["families"][family]["template_variables"]
     tok.bos_token = variables.get("bos_token", tok.bos_token)
     tok.eos_token = variables["eos_token"]
-    tok.chat_template = shipped(FAMILIES[family])
+    tok.chat_template = shipped(family)
     return tok
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_loss_mask_covers_each_answer_and_its_end_of_turn_for_every_family(demo_tok, family):
     tok = _family_tok(demo_tok, family)
     messages = GOLDEN["conversations"]["c"]["messages"]
@@ -90,7 +89,9 @@ def test_loss_mask_tracks_repeated_text_to_the_answer_not_the_question(demo_tok)
 
 
 def test_a_named_template_that_renders_differently_from_the_models_own_is_refused(demo_tok):
-    with pytest.raises(ForgeError, match=r"renders differently .*at character \d+.*model.chat_template = \"model\""):
+    with pytest.raises(
+        ForgeError, match=r"renders differently .*at character \d+.*model.chat_template = \"model\""
+    ):
         resolve(demo_tok, "qwen2_5", "demo")
 
 
@@ -109,7 +110,9 @@ def test_a_named_template_fills_in_where_the_model_ships_none_and_model_then_fai
 
 def test_a_template_that_rewrites_answers_is_refused(demo_tok):
     tok = copy.deepcopy(demo_tok)
-    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '<|im_end|>' }}{% endfor %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '<|im_end|>' }}{% endfor %}"
+    )
     with pytest.raises(ForgeError, match="changes the assistant's text"):
         encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], 64)
 
