@@ -160,13 +160,16 @@ def _check_mix(a: argparse.Namespace, cfg: Any, files: list, general: list) -> i
 def _token_stats(cfg: Any, mix: Any) -> dict:
     from assistant_forge.core.encoding import load_tokenizer
     from assistant_forge.core.models import resolve_model
-    from assistant_forge.core.templates import get_template
     from assistant_forge.training.data import encode_dataset, length_stats
 
-    template = get_template(cfg.model.chat_template)
-    tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        resolve_model(cfg.model.path),
+        cfg.model.chat_template,
+        cfg.model.trust_remote_code,
+        label=cfg.model.path,
+    )
     d = cfg.data
-    samples = encode_dataset(mix, tok, template, d.max_length, d.system_prompt, d.num_proc)
+    samples = encode_dataset(mix, tok, d.max_length, d.system_prompt, d.num_proc)
     return {"tokenizer": cfg.model.path, "max_length": d.max_length, **length_stats(samples, d.max_length)}
 
 
@@ -200,16 +203,17 @@ def cmd_data_preview(a: argparse.Namespace) -> int:
     from assistant_forge.core.encoding import encode_chat, load_tokenizer, render_loss_preview, with_system
     from assistant_forge.core.models import resolve_model
     from assistant_forge.core.presets import resolve_config
-    from assistant_forge.core.templates import get_template
 
     cfg, _ = resolve_config(a.preset)
     recs = list(islice(iter_records(_source(a, a.file, cfg.data.columns)), a.n))
-    template = get_template(cfg.model.chat_template)
-    tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        resolve_model(cfg.model.path),
+        cfg.model.chat_template,
+        cfg.model.trust_remote_code,
+        label=cfg.model.path,
+    )
     for i, rec in enumerate(recs):
-        enc = encode_chat(
-            tok, template, with_system(rec["messages"], cfg.data.system_prompt), cfg.data.max_length
-        )
+        enc = encode_chat(tok, with_system(rec["messages"], cfg.data.system_prompt), cfg.data.max_length)
         print(f"--- sample {i + 1}: {len(enc['input_ids']) if enc else 0} tokens; loss on [[...]] ---")
         print(
             render_loss_preview(tok, enc, ("[[", "]]")) if enc else "(no assistant token within max_length)"

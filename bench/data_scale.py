@@ -100,16 +100,14 @@ def stage(data: str, max_length: int) -> dict:
     from assistant_forge.core.encoding import load_tokenizer
     from assistant_forge.core.mixing import build_mix
     from assistant_forge.core.models import demo_model_dir
-    from assistant_forge.core.templates import get_template
     from assistant_forge.training.data import encode_dataset, length_stats, pack_dataset
 
     t0 = time.perf_counter()
-    template = get_template("chatml")
-    tok = load_tokenizer(str(demo_model_dir()), template)
+    tok = load_tokenizer(str(demo_model_dir()), "model")  # SmolLM2's own template (ChatML)
     t1 = time.perf_counter()
     mix, reports = build_mix([data], [], None, seed=42)
     t2 = time.perf_counter()
-    samples = encode_dataset(mix, tok, template, max_length)
+    samples = encode_dataset(mix, tok, max_length)
     t3 = time.perf_counter()
     stats = length_stats(samples, max_length)
     rows = pack_dataset(samples, max_length, True, seed=42)

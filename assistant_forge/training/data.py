@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge.core.encoding import IGNORE, encode_chat, stop_token_ids, with_system
-from assistant_forge.core.templates import ChatTemplate
 
 
 def encode_records(
-    tok: Any, template: ChatTemplate, records: list[dict], max_length: int, system_prompt: str | None = None
+    tok: Any, records: list[dict], max_length: int, system_prompt: str | None = None
 ) -> list[dict]:
     samples = []
-    stops = set(stop_token_ids(tok, template))
+    stops = set(stop_token_ids(tok))
     for rec in records:
-        enc = encode_chat(tok, template, with_system(rec["messages"], system_prompt), max_length)
+        enc = encode_chat(tok, with_system(rec["messages"], system_prompt), max_length)
         if enc is not None and rec.get("open_end"):
             enc = _without_final_stop(enc, stops)
         if enc is not None:
@@ -68,12 +67,10 @@ def _greedy(samples: list[dict], max_length: int, packing: bool) -> list[dict]:
 PACK_BATCH = 2000  # samples packed together; a row left part-empty at each batch's end costs < 0.1%
 
 
-def _encode_batch(
-    batch: dict, tok: Any, template: ChatTemplate, max_length: int, system_prompt: str | None
-) -> dict:
+def _encode_batch(batch: dict, tok: Any, max_length: int, system_prompt: str | None) -> dict:
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     for messages in batch["messages"]:
-        enc = encode_chat(tok, template, with_system(messages, system_prompt), max_length)
+        enc = encode_chat(tok, with_system(messages, system_prompt), max_length)
         # A sample with no assistant token left within max_length stays as an empty row: check counts it.
         ids, labels = (enc["input_ids"], enc["labels"]) if enc else ([], [])
         out["input_ids"].append(ids)
@@ -82,12 +79,10 @@ def _encode_batch(
     return out
 
 
-def encode_fingerprint(
-    source_fingerprint: str, tok: Any, template: ChatTemplate, max_length: int, system_prompt: str | None
-) -> str:
-    """What the encoded samples depend on: the conversations, the tokenizer, the template, the limits, and
-    the encoding code itself (so a new forge never reuses samples an older encode_chat made)."""
-    from assistant_forge.core import encoding
+def encode_fingerprint(source_fingerprint: str, tok: Any, max_length: int, system_prompt: str | None) -> str:
+    """What the encoded samples depend on: the conversations, the tokenizer and the template it carries,
+    the limits, and the encoding code itself (so a new forge never reuses samples an older one made)."""
+    from assistant_forge.core import encoding, templates
 
     h = hashlib.sha256()
     for part in (
@@ -95,10 +90,11 @@ def encode_fingerprint(
         getattr(tok, "name_or_path", ""),
         str(len(tok)),
         _tokenizer_digest(tok),
-        repr(template),
+        str(tok.chat_template or ""),
         str(max_length),
         system_prompt or "",
         Path(encoding.__file__).read_bytes().hex(),
+        Path(templates.__file__).read_bytes().hex(),
         Path(__file__).read_bytes().hex(),
     ):
         h.update(part.encode("utf-8", "surrogatepass") + b"\0")
@@ -120,7 +116,6 @@ def default_num_proc(configured: int = 0) -> int:
 def encode_dataset(
     conversations: Any,
     tok: Any,
-    template: ChatTemplate,
     max_length: int,
     system_prompt: str | None = None,
     num_proc: int = 0,
@@ -136,13 +131,10 @@ def encode_dataset(
         remove_columns=conversations.column_names,
         fn_kwargs={
             "tok": tok,
-            "template": template,
             "max_length": max_length,
             "system_prompt": system_prompt,
         },
-        new_fingerprint=encode_fingerprint(
-            conversations._fingerprint, tok, template, max_length, system_prompt
-        ),
+        new_fingerprint=encode_fingerprint(conversations._fingerprint, tok, max_length, system_prompt),
     )
 
 

@@ -32,7 +32,6 @@ from assistant_forge.core.runs import (
     write_status,
     zero_preflight,
 )
-from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
 from assistant_forge.training import distributed, layer_graphs, speed, zero
 from assistant_forge.training.data import (
@@ -247,7 +246,6 @@ class RunCallback(TrainerCallback):
 
     def __init__(self, run: Path, cfg: ForgeConfig, tok: Any, rows: int):
         self.run, self.cfg, self.tok = run, cfg, tok
-        self.template = get_template(cfg.model.chat_template)
         self.t0 = time.time()
         self.start_step = 0
         self.last = (time.time(), 0)
@@ -264,7 +262,7 @@ class RunCallback(TrainerCallback):
         if not prompts or not self.samples_here:
             return
         convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
-        answers = generate_answers(model, self.tok, self.template, convs, self.cfg.eval.max_new_tokens)
+        answers = generate_answers(model, self.tok, convs, self.cfg.eval.max_new_tokens)
         if not self.main:
             return
         for p, a in zip(prompts, answers):
@@ -351,7 +349,6 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     from assistant_forge.core.identity import generic_prompts
 
     prompts = generic_prompts("replay")[: cfg.data.replay_prompts]
-    template = get_template(cfg.model.chat_template)
     convs = [with_system([{"role": "user", "content": p}], cfg.data.system_prompt) for p in prompts]
     print(f"forgetting guard: the base model answers {len(prompts)} generic prompts for replay", flush=True)
     # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
@@ -361,7 +358,7 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
         # much faster (demo model, 71 prompts: 25 s instead of 36 s at 16, the same greedy answers).
         batch = 64 if pick_device(cfg) == "cpu" else 16
         answers = generate_answers(
-            model, tok, template, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
+            model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
         )
     # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
     # teach the model to stop mid-thought, which measurably shortened (and so changed) unrelated answers.
@@ -389,15 +386,15 @@ def _conversations(cfg: ForgeConfig) -> Any:
     return mix
 
 
-def _samples(cfg: ForgeConfig, tok: Any, template: Any, conversations: Any, extra: list[dict]) -> Any:
+def _samples(cfg: ForgeConfig, tok: Any, conversations: Any, extra: list[dict]) -> Any:
     """Token ids and labels of the conversations (datasets map, cached) and of the replay answers."""
     from datasets import Dataset, concatenate_datasets
 
     d = cfg.data
-    samples = encode_dataset(conversations, tok, template, d.max_length, d.system_prompt, d.num_proc)
+    samples = encode_dataset(conversations, tok, d.max_length, d.system_prompt, d.num_proc)
     if not extra:
         return samples
-    replayed = encode_records(tok, template, extra, d.max_length, d.system_prompt)
+    replayed = encode_records(tok, extra, d.max_length, d.system_prompt)
     replayed_ds = Dataset.from_list(
         [{**s, "length": len(s["input_ids"])} for s in replayed], features=samples.features
     )
@@ -486,12 +483,11 @@ def train_run(run: Path, resume: bool = False) -> str:
     if not distributed.is_main():
         replay = build_replay(run, cfg, model, tok)
     extra = replay_draw(len(conversations), replay, cfg.data.replay_ratio, cfg.train.seed)
-    template = get_template(cfg.model.chat_template)
     t0 = time.time()
-    samples = _samples(cfg, tok, template, conversations, extra) if distributed.is_main() else None
+    samples = _samples(cfg, tok, conversations, extra) if distributed.is_main() else None
     distributed.barrier()
     if samples is None:
-        samples = _samples(cfg, tok, template, conversations, extra)
+        samples = _samples(cfg, tok, conversations, extra)
     rows = pack_dataset(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)
     if not len(rows):
         raise ForgeError("No sample has an assistant token within data.max_length; nothing to learn from.")
