@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_check_a_config_mixes_its_sources_and_measures_tokens(tmp_path, demo_pat
     general.append(general[0])  # a duplicate
     pq.write_table(pa.Table.from_pylist(general), tmp_path / "general.parquet")
     (tmp_path / "c.toml").write_text(
-        f'[model]\npath = "{demo_path}"\n[data]\nfiles = ["me.jsonl"]\nmax_length = 40\n'
+        f'[model]\npath = "{demo_path}"\n[data]\nfiles = ["me.jsonl"]\nmax_length = 64\n'
         'general_files = [{path = "general.parquet", max_rows = 20}, "qa.csv"]\n'
         'columns = {prompt = "question", response = "answer"}\n'
     )
@@ -101,10 +102,13 @@ def test_check_a_config_mixes_its_sources_and_measures_tokens(tmp_path, demo_pat
     )
     assert lines[2].endswith("3 conversations OK, 3 used (formats: prompt_response 3)")
     assert lines[3] == "total: 25 conversations"
-    assert lines[4].startswith(f"tokens ({demo_path}, max_length 40): 25 samples")
-    # The longest "very very ..." answers reach max_length 40: they are counted as truncated.
-    truncated = int(lines[5].split("truncates ")[1].split()[0])
-    assert 0 < truncated < 25
+    assert lines[4].startswith(f"tokens ({demo_path}, max_length 64): ")
+    kept = int(lines[4].split("): ")[1].split()[0])
+    truncated, dropped = (
+        int(w) for w in re.findall(r"truncates (\d+) samples .* in (\d+) \(dropped\)", lines[5])[0]
+    )
+    # The "very very ..." answers grow past max_length: some are cut (the longest may lose every answer token).
+    assert kept + dropped == 25 and truncated > 0 and kept > truncated
     assert len(lines) == 6 + 10 and all("-" in h for h in lines[6:])  # a 10-bin text histogram
     proc = forge(
         "data", "check", str(tmp_path / "c.toml"), "--json", "--no-tokens", env=_env(tmp_path, offline=False)
