@@ -140,3 +140,23 @@ def test_bad_files_of_each_kind_are_one_line_and_nothing_is_written_half(tmp_pat
     err = _one_error_line(forge("data", "convert", str(tmp_path / "late.jsonl"), "-o", str(out), env=env))
     assert "late.jsonl:3" in err
     assert out.read_text() == "kept\n" and sorted(os.listdir(tmp_path)) == before  # no temp file left
+
+
+def test_the_scale_benchmark_runs_small(tmp_path):
+    """bench/data_scale.py --check: 2k conversations cold then warm; the warm run reuses the cache."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "data_scale.py"), "--check", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["run"] for r in runs] == ["cold", "warm"]
+    assert runs[0]["conversations"] == runs[1]["conversations"] == 2000
+    assert runs[1]["tokenize_s"] < runs[0]["tokenize_s"] and runs[0]["rows"] == runs[1]["rows"] > 0

@@ -74,7 +74,7 @@ def normalized(src: Source) -> Any:
                 gen_kwargs={
                     "spec": src.spec,
                     "columns": src.columns,
-                    "content_stamp": json.dumps(stamp(src)),
+                    "content_stamp": json.dumps([stamp(src), code_digest()]),
                 },
             )
         else:
@@ -86,6 +86,9 @@ def normalized(src: Source) -> Any:
                 remove_columns=table.column_names,
                 features=features(),
                 fn_kwargs={"label": src.label, "columns": src.columns},
+                new_fingerprint=_digest(
+                    table._fingerprint, src.label, json.dumps(src.columns), code_digest()
+                ),
             )
     except DatasetError:
         raise
@@ -97,6 +100,24 @@ def normalized(src: Source) -> Any:
     if len(ds) == 0:
         raise DatasetError(f"{src.label}: the source holds no conversations.")
     return ds
+
+
+def code_digest() -> str:
+    """The code that turns rows into records: a new forge never reuses records an older one converted
+    (datasets' own cache key sees the function, not the modules it calls)."""
+    from pathlib import Path
+
+    from assistant_forge.core import formats, identity, sources
+
+    files = (formats.__file__, identity.__file__, sources.__file__, __file__)
+    return _digest(*(Path(f).read_bytes().hex() for f in files))
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()[:32]
 
 
 def _forge_cause(e: BaseException) -> DatasetError | None:
