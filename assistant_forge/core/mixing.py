@@ -18,6 +18,7 @@ from assistant_forge.core.formats import DatasetError, to_messages, validate_rec
 from assistant_forge.core.sources import (
     Source,
     as_source,
+    batch_rows,
     json_rows,
     kind_of,
     open_table,
@@ -49,11 +50,10 @@ def _json_records(spec: str, columns: dict | None, content_stamp: str) -> Iterat
 
 
 def _normalize_batch(batch: dict, indices: list[int], label: str, columns: dict | None) -> dict:
-    names = list(batch)
     out: dict[str, list] = {"messages": [], "format": []}
-    for i, values in zip(indices, zip(*(batch[n] for n in names))):
+    for i, row in zip(indices, batch_rows(batch)):
         where = f"{label}: row {i + 1}"
-        fmt, rec = to_messages(dict(zip(names, values)), where, columns)
+        fmt, rec = to_messages(row, where, columns)
         validate_record(rec, where)
         out["messages"].append(rec["messages"])
         out["format"].append(fmt)

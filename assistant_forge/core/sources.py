@@ -10,9 +10,8 @@ does not pull torch, but `forge --help` should not wait for it).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ class Source:
     columns: dict[str, str] | None = None  # prompt/response/system field names
     max_rows: int | None = None  # use at most this many rows (after shuffling with the run's seed)
     ratio: float | None = None  # general data: this many rows per row of data.files
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_hub(self) -> bool:
@@ -107,10 +105,15 @@ def iter_rows(src: Source) -> Iterator[tuple[str, Any]]:
         return
     table = open_table(src)
     for start in range(0, len(table), 1000):
-        batch = table[start : start + 1000]
-        names = list(batch)
-        for i, values in enumerate(zip(*(batch[n] for n in names))):
-            yield f"{src.label}: row {start + i + 1}", dict(zip(names, values))
+        for i, row in enumerate(batch_rows(table[start : start + 1000]), start + 1):
+            yield f"{src.label}: row {i}", row
+
+
+def batch_rows(batch: Mapping[str, list]) -> Iterator[dict]:
+    """The rows of a column batch (what datasets hands out) as one dict each."""
+    names = list(batch)
+    for values in zip(*(batch[n] for n in names)):
+        yield dict(zip(names, values))
 
 
 def json_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -273,7 +276,3 @@ def _datasets_cache() -> str:
     import datasets
 
     return str(datasets.config.HF_DATASETS_CACHE)
-
-
-def offline() -> bool:
-    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
