@@ -7,8 +7,10 @@ into a block-diagonal causal mask, so no sample ever attends to another.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +45,27 @@ def pack(samples: list[dict], max_length: int, packing: bool, seed: int) -> list
     """Rows of one or more whole samples, each row at most max_length tokens, order shuffled by seed."""
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
-    return _greedy([samples[i] for i in order], max_length, packing)
+    ordered = [samples[i] for i in order]
+    starts = row_starts([len(s["input_ids"]) for s in ordered], max_length, packing)
+    return [_join(ordered[a:b]) for a, b in zip(starts, starts[1:])]
 
 
-def _greedy(samples: list[dict], max_length: int, packing: bool) -> list[dict]:
-    """Consecutive samples joined while they fit in max_length (one sample per row without packing)."""
-    rows: list[dict] = []
-    cur: list[dict] = []
-    cur_len = 0
-    for s in samples:
-        if cur and (not packing or cur_len + len(s["input_ids"]) > max_length):
-            rows.append(_join(cur))
-            cur, cur_len = [], 0
-        cur.append(s)
-        cur_len += len(s["input_ids"])
-    if cur:
-        rows.append(_join(cur))
-    return rows
+def row_starts(lengths: Sequence[int], max_length: int, packing: bool) -> list[int]:
+    """Where each row begins in a sequence of sample lengths (and, last, the end): consecutive samples
+    share a row while they fit in max_length; without packing every sample is a row of its own."""
+    starts = [0]
+    cur = 0
+    for i, n in enumerate(lengths):
+        if i > starts[-1] and (not packing or cur + n > max_length):
+            starts.append(i)
+            cur = 0
+        cur += n
+    if lengths:
+        starts.append(len(lengths))
+    return starts
 
 
 # --- the same through `datasets`: cached by content, tokenized by several processes, memory flat ---------
-
-PACK_BATCH = 2000  # samples packed together; a row left part-empty at each batch's end costs < 0.1%
 
 
 def _encode_batch(batch: dict, tok: Any, max_length: int, system_prompt: str | None) -> dict:
@@ -95,7 +96,7 @@ def encode_fingerprint(source_fingerprint: str, tok: Any, max_length: int, syste
         system_prompt or "",
         Path(encoding.__file__).read_bytes().hex(),
         Path(templates.__file__).read_bytes().hex(),
-        Path(__file__).read_bytes().hex(),
+        inspect.getsource(_encode_batch),
     ):
         h.update(part.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()[:32]
@@ -138,24 +139,86 @@ def encode_dataset(
     )
 
 
-def _pack_batch(batch: dict, max_length: int, packing: bool) -> dict:
-    samples = [{"input_ids": i, "labels": b} for i, b in zip(batch["input_ids"], batch["labels"])]
-    rows = _greedy(samples, max_length, packing)
-    return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids")}
+PACK_CHUNK = 2000  # packed rows gathered and written at a time: memory stays flat whatever the data size
 
 
 def pack_dataset(samples: Any, max_length: int, packing: bool, seed: int) -> Any:
-    """Like pack(), over a Dataset of samples: shuffled by seed, packed batch by batch, cached."""
-    lengths = samples["length"]
+    """pack() over a Dataset of samples, with the same rows: shuffled by seed, joined while they fit.
+
+    Done with Arrow and numpy (a packed row's tokens are its samples' tokens back to back, so rows are
+    new offsets over the gathered samples), written chunk by chunk to a cache file beside the samples'
+    and memory-mapped; a second run with the same samples, seed and limits opens that file at once.
+    """
+    import datasets
+    import numpy as np
+
+    lengths = np.asarray(samples["length"], dtype=np.int64)
     order = [i for i in range(len(lengths)) if lengths[i]]
     random.Random(seed).shuffle(order)
-    shuffled = samples.select(order)
-    return shuffled.map(
-        _pack_batch,
-        batched=True,
-        batch_size=PACK_BATCH,
-        remove_columns=shuffled.column_names,
-        fn_kwargs={"max_length": max_length, "packing": packing},
+    order_np = np.asarray(order, dtype=np.int64)
+    starts = row_starts(lengths[order_np].tolist(), max_length, packing)
+    key = hashlib.sha256(
+        f"{samples._fingerprint}|{max_length}|{packing}|{seed}|{inspect.getsource(_write_packed)}".encode()
+    ).hexdigest()[:32]
+    folders = {Path(f["filename"]).parent for f in samples.cache_files}
+    if not folders:  # samples held in memory (a tiny run): no cache to keep
+        return datasets.Dataset(_packed_table(samples, order_np, starts, lengths))
+    path = sorted(folders)[0] / f"forge-packed-{key}.arrow"
+    if not path.exists():
+        _write_packed(samples, order_np, starts, lengths, path)
+    return datasets.Dataset.from_file(str(path))
+
+
+def _write_packed(samples: Any, order: Any, starts: list[int], lengths: Any, path: Path) -> None:
+    import pyarrow as pa
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink:
+            writer = None
+            for r0 in range(0, len(starts) - 1, PACK_CHUNK):
+                r1 = min(r0 + PACK_CHUNK, len(starts) - 1)
+                batch = _packed_batch(samples, order, starts[r0 : r1 + 1], lengths)
+                if writer is None:
+                    writer = pa.ipc.new_stream(sink, batch.schema)
+                writer.write_batch(batch)
+            if writer is not None:
+                writer.close()
+        os.replace(tmp, path)  # whole or not at all: a killed run leaves no half-written cache
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _packed_table(samples: Any, order: Any, starts: list[int], lengths: Any) -> Any:
+    import pyarrow as pa
+
+    if len(starts) < 2:
+        return pa.table(
+            {k: pa.array([], pa.list_(pa.int32())) for k in ("input_ids", "labels", "position_ids")}
+        )
+    return pa.Table.from_batches([_packed_batch(samples, order, starts, lengths)])
+
+
+def _packed_batch(samples: Any, order: Any, starts: list[int], lengths: Any) -> Any:
+    """Packed rows starts[0]..starts[-1] (indices into the shuffled order) as one Arrow record batch."""
+    import numpy as np
+    import pyarrow as pa
+
+    idx = order[starts[0] : starts[-1]]
+    sub = samples.with_format("arrow")[idx.tolist()]
+    ids = sub.column("input_ids").combine_chunks().flatten().to_numpy().astype(np.int32)
+    labels = sub.column("labels").combine_chunks().flatten().to_numpy().astype(np.int32)
+    lens = lengths[idx]
+    first = np.concatenate([[0], np.cumsum(lens)[:-1]])  # where each sample starts in the flat tokens
+    # The first token of a sample is never predicted from the previous sample's last token (as _join).
+    labels[first] = IGNORE
+    pos = (np.arange(len(ids)) - np.repeat(first, lens)).astype(np.int32)
+    ends = np.concatenate([[0], np.cumsum(lens)])
+    offsets = pa.array(ends[np.asarray(starts) - starts[0]].astype(np.int32))
+    return pa.record_batch(
+        [pa.ListArray.from_arrays(offsets, pa.array(v)) for v in (ids, labels, pos)],
+        names=["input_ids", "labels", "position_ids"],
     )
 
 
