@@ -108,3 +108,32 @@ def bench_cfg(seq: int, dropout: float, compiled: bool = False) -> Any:
     cfg.train.optimizer = "paged_adamw_32bit"
     cfg.train.compile_layers = compiled
     return cfg
+
+
+def cache_as_hub_download(hf_home: Path, repo_id: str, splits: dict[str, list[dict]]) -> None:
+    """Leave in HF_HOME what `datasets.load_dataset(repo_id)` leaves after downloading a Parquet dataset
+    online: `<owner>___<name>/default/0.0.0/<revision>/` holding dataset_info.json and `<name>-<split>.arrow`.
+    datasets' own Parquet builder writes the files; they are then moved to the hub dataset's place, the
+    one place datasets 5.2 looks for `owner/name` when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    owner, name = repo_id.split("/")
+    raw = hf_home / "raw"
+    raw.mkdir(parents=True)
+    files = {}
+    for split, rows in splits.items():
+        pq.write_table(pa.Table.from_pylist(rows), raw / f"{split}.parquet")
+        files[split] = [str(raw / f"{split}.parquet")]
+    cache = hf_home / "datasets"
+    builder = Parquet(cache_dir=str(cache), dataset_name=name, data_files=DataFilesDict.from_patterns(files))
+    builder.download_and_prepare()
+    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123456789abcdef"
+    target.parent.mkdir(parents=True)
+    shutil.move(builder.cache_dir, target)
+    shutil.rmtree(cache / name)
+    shutil.rmtree(raw)

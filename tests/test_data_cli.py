@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from forge_testing import forge
+from forge_testing import cache_as_hub_download, forge
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 GUANACO = [json.loads(line) for line in (DATA / "guanaco.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -24,31 +24,6 @@ def _env(tmp: Path, offline: bool = True) -> dict:
     return env
 
 
-def _cache_as_hub_download(hf_home: Path, repo_id: str, splits: dict[str, list[dict]]) -> None:
-    """Leave in HF_HOME what `datasets.load_dataset(repo_id)` leaves after downloading a Parquet dataset
-    online: `<owner>___<name>/default/0.0.0/<revision>/` holding dataset_info.json and `<name>-<split>.arrow`.
-    datasets' own Parquet builder writes the files; they are then moved to the hub dataset's place, the
-    one place datasets 5.2 looks for `owner/name` when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set."""
-    from datasets.data_files import DataFilesDict
-    from datasets.packaged_modules.parquet.parquet import Parquet
-
-    owner, name = repo_id.split("/")
-    raw = hf_home / "raw"
-    raw.mkdir(parents=True)
-    files = {}
-    for split, rows in splits.items():
-        pq.write_table(pa.Table.from_pylist(rows), raw / f"{split}.parquet")
-        files[split] = [str(raw / f"{split}.parquet")]
-    cache = hf_home / "datasets"
-    builder = Parquet(cache_dir=str(cache), dataset_name=name, data_files=DataFilesDict.from_patterns(files))
-    builder.download_and_prepare()
-    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123456789abcdef"
-    target.parent.mkdir(parents=True)
-    shutil.move(builder.cache_dir, target)
-    shutil.rmtree(cache / name)
-    shutil.rmtree(raw)
-
-
 def _one_error_line(proc) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
@@ -56,7 +31,7 @@ def _one_error_line(proc) -> str:
 
 
 def test_hub_dataset_loads_offline_from_the_datasets_cache(tmp_path):
-    _cache_as_hub_download(
+    cache_as_hub_download(
         tmp_path / "hf", "timdettmers/openassistant-guanaco", {"train": GUANACO, "test": GUANACO[:1]}
     )
     env = _env(tmp_path)
