@@ -140,20 +140,19 @@ def _check_mix(a: argparse.Namespace, cfg: Any, files: list, general: list) -> i
 
     mix, reports = build_mix(files, general, cfg.data.columns, cfg.train.seed)
     out: dict[str, Any] = {"sources": [r.to_dict() for r in reports], "conversations": len(mix)}
+    if not a.json:  # the counts first: a tokenizer that cannot load still leaves them on screen
+        for r in reports:
+            fmts = ", ".join(f"{k} {v}" for k, v in sorted(r.formats.items()))
+            dup = f", {r.duplicates} duplicates dropped" if r.duplicates else ""
+            kind = "general" if r.general else "data"
+            print(f"{kind} {r.label}: {r.rows} conversations OK, {r.used} used{dup} (formats: {fmts})")
+        print(f"total: {len(mix)} conversations", flush=True)
     if not a.no_tokens:
         out["tokens"] = _token_stats(cfg, mix)
     if a.json:
         print(json.dumps(out, ensure_ascii=False))
-        return 0
-    for r in reports:
-        fmts = ", ".join(f"{k} {v}" for k, v in sorted(r.formats.items()))
-        dup = f", {r.duplicates} duplicates dropped" if r.duplicates else ""
-        kind = "general" if r.general else "data"
-        print(f"{kind} {r.label}: {r.rows} conversations OK, {r.used} used{dup} (formats: {fmts})")
-    print(f"total: {len(mix)} conversations")
-    t = out.get("tokens")
-    if t:
-        print(_format_tokens(t, cfg))
+    elif "tokens" in out:
+        print(_format_tokens(out["tokens"], cfg))
     return 0
 
 
@@ -162,12 +161,15 @@ def _token_stats(cfg: Any, mix: Any) -> dict:
     from assistant_forge.core.models import resolve_model
     from assistant_forge.training.data import encode_dataset, length_stats
 
-    tok = load_tokenizer(
-        resolve_model(cfg.model.path),
-        cfg.model.chat_template,
-        cfg.model.trust_remote_code,
-        label=cfg.model.path,
-    )
+    try:
+        tok = load_tokenizer(
+            resolve_model(cfg.model.path),
+            cfg.model.chat_template,
+            cfg.model.trust_remote_code,
+            label=cfg.model.path,
+        )
+    except ForgeError as e:
+        raise ForgeError(f"{str(e).rstrip('.')}; --no-tokens checks the data without a tokenizer.") from None
     d = cfg.data
     samples = encode_dataset(mix, tok, d.max_length, d.system_prompt, d.num_proc)
     return {"tokenizer": cfg.model.path, "max_length": d.max_length, **length_stats(samples, d.max_length)}
