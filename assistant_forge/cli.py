@@ -26,7 +26,7 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def _table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+def _table(columns: list[Any], rows: list[list[Any]], title: str | None = None) -> None:
     from rich.table import Table
 
     t = Table(*columns, title=title)
@@ -46,9 +46,20 @@ def cmd_presets_list(a: argparse.Namespace) -> int:
         c = p.load()
         gpu = f"{c.meta.min_gpu_gib:g} GiB" if c.meta.min_gpu_gib else "none (CPU)"
         rows.append(
-            [p.name + (" (user)" if p.user else ""), c.model.path, c.lora.method, c.data.max_length, gpu]
+            [
+                p.name + (" (user)" if p.user else ""),
+                c.model.path,
+                c.lora.method,
+                c.data.max_length,
+                gpu,
+                c.meta.verified or "-",
+            ]
         )
-    _table(["name", "model", "method", "max length", "min GPU memory"], rows)
+    from rich.table import Column
+
+    # Names stay whole (they are what `forge presets copy` takes); the other columns wrap instead.
+    name = Column("name", no_wrap=True, min_width=max((len(r[0]) for r in rows), default=4))
+    _table([name, "model", "method", "max length", "min GPU memory", "verified"], rows)
     return 0
 
 

@@ -55,7 +55,7 @@ class Family:
     key: str  # also the family's key in golden.json and its chat_templates/<key>.jinja
     presets: tuple[str, ...]
     end_of_turn: str  # the token that ends an assistant turn in the official template
-    tokenizer: str  # where the tokenizer comes from, for messages and the presets' claims
+    verified: str  # the claim its presets make in [meta] verified (`forge presets list` shows it)
     build: Callable[[Path], None] = field(repr=False)
     special_ids: dict[str, int] = field(default_factory=dict)  # what the hub's tokenizer says
 
@@ -413,7 +413,7 @@ FAMILIES: dict[str, Family] = {
             "llama3_1",
             ("llama3_1-8b-instruct-qlora",),
             "<|eot_id|>",
-            "real: llama-models 0.3.0",
+            "CI: tiny Llama-3.1 + real tokenizer",
             build_llama3_1,
             {"<|begin_of_text|>": 128000, "<|eot_id|>": 128009, "<|end_of_text|>": 128001},
         ),
@@ -421,7 +421,7 @@ FAMILIES: dict[str, Family] = {
             "mistral_v3",
             ("mistral-7b-instruct-qlora",),
             "</s>",
-            "real: mistral-common 1.13.1",
+            "CI: tiny Mistral-v0.3 + real tokenizer",
             build_mistral_v3,
             {"<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4},
         ),
@@ -429,7 +429,7 @@ FAMILIES: dict[str, Family] = {
             "qwen2_5",
             ("qwen2_5-0_5b-instruct-qlora", "qwen2_5-1_5b-instruct-qlora", "qwen2_5-7b-instruct-qlora"),
             "<|im_end|>",
-            "real BPE: dashscope 2.0.2",
+            "CI: tiny Qwen2.5 + real BPE",
             build_qwen2_5,
             {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|file_sep|>": 151664},
         ),
@@ -437,7 +437,7 @@ FAMILIES: dict[str, Family] = {
             "yi_1_5",
             ("yi-1_5-6b-chat-qlora",),
             "<|im_end|>",
-            "stand-in with Yi's special ids",
+            "CI: tiny Yi-1.5 + stand-in tokenizer",
             build_yi_1_5,
             {"<|startoftext|>": 1, "<|endoftext|>": 2, "<|im_start|>": 6, "<|im_end|>": 7, "<|im_sep|>": 8},
         ),
@@ -445,7 +445,7 @@ FAMILIES: dict[str, Family] = {
             "internlm2_5",
             ("internlm2_5-7b-chat-qlora", "internlm2-chat-1_8b-qlora"),
             "<|im_end|>",
-            "tiny-a (hub layout)",
+            "CI: tiny InternLM2 checkpoint",
             build_internlm2_5,
             {"<s>": 1, "</s>": 2, "<|im_end|>": 1022, "<|im_start|>": 1023},
         ),

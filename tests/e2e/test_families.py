@@ -30,13 +30,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-pytestmark = pytest.mark.slow
-
 PRESET_FAMILY = {p: f.key for f in FAMILIES.values() for p in f.presets}
 PRESETS = sorted(p.stem for p in bundled("presets").glob("*.toml") if p.stem != "demo-cpu-lora")
 
 # What the copy may change: where the model is and how big the run is. Everything else (template,
 # method, LoRA targets, optimizer, packing, checkpointing, ...) is the preset's own.
+REPO = Path(__file__).resolve().parents[2]
 SIZES: dict[str, dict[str, Any]] = {
     "model": {},  # path: set per family
     "data": {"max_length": 160, "replay_prompts": 2},
@@ -61,6 +60,29 @@ def test_every_preset_has_a_family() -> None:
     assert set(PRESETS) == set(PRESET_FAMILY), (
         "a preset without a family test, or a family test without a preset"
     )
+
+
+# Bundled presets proven by another test, with the claim they make and that test.
+VERIFIED_ELSEWHERE = {"demo-cpu-lora": ("CI: real SmolLM2-135M", "tests/e2e/test_demo_pipeline.py")}
+
+
+def test_verified_claims_are_the_tests_that_run() -> None:
+    """A bundled preset claims `verified` exactly when a test runs it (the family tests here, or the one
+    VERIFIED_ELSEWHERE names), with its family's claim; `forge presets list` shows the claim."""
+    from assistant_forge.core.presets import list_presets
+
+    claims = {p.name: p.load().meta.verified for p in list_presets() if not p.user}
+    expected = {p: FAMILIES[key].verified for p, key in PRESET_FAMILY.items()}
+    expected |= {p: claim for p, (claim, _test) in VERIFIED_ELSEWHERE.items()}
+    assert claims == {name: expected.get(name, "") for name in claims}
+    assert all((REPO / test).is_file() for _claim, test in VERIFIED_ELSEWHERE.values())
+    proc = forge("presets", "list", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "verified" in next(line for line in lines if " name " in line and " model " in line)
+    for name, claim in claims.items():
+        row = next(line for line in lines if f" {name} " in line)
+        assert (claim or "-") in row, (name, row)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -100,7 +122,7 @@ def _ok(proc: Any, what: str) -> None:
 _RUNS: dict[str, dict[str, Any]] = {}
 
 
-@pytest.fixture(scope="module", params=PRESETS)
+@pytest.fixture(scope="module", params=[pytest.param(p, marks=pytest.mark.slow) for p in PRESETS])
 def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The whole CLI pipeline for one preset; the tests below check what it produced."""
     preset = request.param
