@@ -176,18 +176,19 @@ def _drop_stale(root: Path, keep: Path, folder: Path) -> None:
 
 def hub_native(repo_id: str) -> Path | None:
     """For a hub id of an InternLM2 model: download its safetensors, json and tokenizer files and
-    convert them. None for any other model or when the hub cannot be reached (the loader that
-    follows then reports its own error)."""
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+    convert them; None for any other model (transformers downloads those itself)."""
+    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 
-        config = Path(hf_hub_download(repo_id, "config.json"))
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")  # no network when already here
+        config = Path(cached if isinstance(cached, str) else hf_hub_download(repo_id, "config.json"))
         if not is_internlm2(config.parent):
             return None
         # The *.py files are only copied by `forge merge --hub-layout`, never imported.
         snap = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", TOKENIZER_MODEL, "*.py"])
-    except Exception:
-        return None
+    except Exception as e:  # offline, unknown or gated repo: what from_pretrained would fail on next
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ForgeError(f"Could not fetch model {repo_id} from the Hugging Face hub ({reason}).") from None
     return native_dir(snap, name=repo_id.replace("/", "--"))
 
 
