@@ -115,16 +115,17 @@ def cmd_data_preview(a: argparse.Namespace) -> int:
     from assistant_forge.core.encoding import encode_chat, load_tokenizer, render_loss_preview, with_system
     from assistant_forge.core.models import resolve_model
     from assistant_forge.core.presets import resolve_config
-    from assistant_forge.core.templates import get_template
 
     cfg, _ = resolve_config(a.preset)
     recs, _ = load_records(a.file)
-    template = get_template(cfg.model.chat_template)
-    tok = load_tokenizer(resolve_model(cfg.model.path), template, cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        resolve_model(cfg.model.path),
+        cfg.model.chat_template,
+        cfg.model.trust_remote_code,
+        label=cfg.model.path,
+    )
     for i, rec in enumerate(recs[: a.n]):
-        enc = encode_chat(
-            tok, template, with_system(rec["messages"], cfg.data.system_prompt), cfg.data.max_length
-        )
+        enc = encode_chat(tok, with_system(rec["messages"], cfg.data.system_prompt), cfg.data.max_length)
         print(f"--- sample {i + 1}: {len(enc['input_ids']) if enc else 0} tokens; loss on [[...]] ---")
         print(
             render_loss_preview(tok, enc, ("[[", "]]")) if enc else "(no assistant token within max_length)"

@@ -29,9 +29,8 @@ def demo_path() -> str:
 @pytest.fixture(scope="session")
 def demo_tok(demo_path: str):
     from assistant_forge.core.encoding import load_tokenizer
-    from assistant_forge.core.templates import get_template
 
-    return load_tokenizer(demo_path, get_template("chatml"))
+    return load_tokenizer(demo_path, "model")
 
 
 @pytest.fixture(scope="session")

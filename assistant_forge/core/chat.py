@@ -17,7 +17,7 @@ from assistant_forge.core.models import (
     require_safetensors,
     resolve_model,
 )
-from assistant_forge.core.templates import ChatTemplate, get_template
+from assistant_forge.core.templates import MODEL, canonical, render
 from assistant_forge.errors import ForgeError
 
 ADAPTER_META = "forge_adapter.json"  # written by `forge convert`: base model and template
@@ -26,7 +26,6 @@ ADAPTER_META = "forge_adapter.json"  # written by `forge convert`: base model an
 def generate_answers(
     model: Any,
     tok: Any,
-    template: ChatTemplate,
     conversations: list[list[dict]],
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -36,18 +35,13 @@ def generate_answers(
 
     was_training = model.training
     model.eval()
-    stops = stop_token_ids(tok, template)
+    stops = stop_token_ids(tok, getattr(model.generation_config, "eos_token_id", None))
     side = tok.padding_side
     tok.padding_side = "left"
     answers: list[str] = []
     try:
         for i in range(0, len(conversations), batch_size):
-            texts = [
-                tok.apply_chat_template(
-                    c, chat_template=template.jinja, tokenize=False, add_generation_prompt=True
-                )
-                for c in conversations[i : i + batch_size]
-            ]
+            texts = [render(tok, c, add_generation_prompt=True) for c in conversations[i : i + batch_size]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 out = model.generate(
@@ -74,13 +68,13 @@ class ChatModel:
 
     model: Any
     tok: Any
-    template: ChatTemplate
+    template: str  # the template's name as the config or adapter gave it
     label: str
     system: str | None = None
 
     def answer_batch(self, conversations: list[list[dict]], max_new_tokens: int = 128) -> list[str]:
         convs = [with_system(c, self.system) for c in conversations]
-        return generate_answers(self.model, self.tok, self.template, convs, max_new_tokens)
+        return generate_answers(self.model, self.tok, convs, max_new_tokens)
 
     def stream(
         self,
@@ -94,9 +88,7 @@ class ChatModel:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         msgs = with_system(messages, self.system)
-        text = self.tok.apply_chat_template(
-            msgs, chat_template=self.template.jinja, tokenize=False, add_generation_prompt=True
-        )
+        text = render(self.tok, msgs, add_generation_prompt=True)
         enc = self.tok(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         stop_event = stop_event or threading.Event()
@@ -109,7 +101,9 @@ class ChatModel:
             **enc,
             streamer=streamer,
             max_new_tokens=max_new_tokens,
-            eos_token_id=stop_token_ids(self.tok, self.template),
+            eos_token_id=stop_token_ids(
+                self.tok, getattr(self.model.generation_config, "eos_token_id", None)
+            ),
             pad_token_id=self.tok.pad_token_id,
             stopping_criteria=StoppingCriteriaList([_Stop()]),
             do_sample=temperature > 0,
@@ -172,14 +166,15 @@ def load_chat_model(
         )
     if adapter:
         require_safetensors(adapter, "Adapter folder", ("adapter_model.safetensors",))
+    template = canonical(template) if template else None
+    trained = canonical(trained) if trained else None
     if template and trained and template != trained and not allow_template_mismatch:
         raise ForgeError(
             f"This model was trained with the {trained!r} template, not {template!r}; "
             "pass --force-template to chat with it anyway."
         )
-    name = template or trained or "chatml"
-    tmpl = get_template(name)
-    tok = load_tokenizer(path, tmpl, trust_remote_code)
+    name = template or trained or MODEL
+    tok = load_tokenizer(path, name, trust_remote_code, label=model)
     use_cuda = torch.cuda.is_available() and device != "cpu"
     kwargs: dict[str, Any] = {
         "dtype": torch.bfloat16 if use_cuda else torch.float32,
@@ -214,4 +209,4 @@ def load_chat_model(
         m = PeftModel.from_pretrained(m, adapter)
         label += f" + {Path(adapter).name}"
     m.eval()
-    return ChatModel(m, tok, tmpl, label, system)
+    return ChatModel(m, tok, name, label, system)

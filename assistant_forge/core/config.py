@@ -9,7 +9,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from assistant_forge.core.templates import TEMPLATES
+from assistant_forge.core.templates import ALIASES, NAMES
 from assistant_forge.errors import ForgeError, did_you_mean
 
 if sys.version_info >= (3, 11):
@@ -26,7 +26,11 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     path: str = Field("demo", description="local HF folder, hub id, or 'demo' (the embedded SmolLM2-135M)")
-    chat_template: str = Field("chatml", description="one of the named templates; drives the whole pipeline")
+    chat_template: str = Field(
+        "model",
+        description="'model' (the model's own template) or a family's official one for models that ship none; "
+        "drives the whole pipeline",
+    )
     trust_remote_code: bool = Field(
         False, description="run Python code shipped with the model (off unless you trust it)"
     )
@@ -35,8 +39,9 @@ class ModelSection(_Section):
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, v: str) -> str:
-        if v not in TEMPLATES:
-            raise ValueError(f"unknown chat template {v!r}, known: {', '.join(TEMPLATES)}")
+        v = ALIASES.get(v, v)
+        if v not in NAMES:
+            raise ValueError(f"unknown chat template {v!r}, known: {', '.join(NAMES)}")
         return v
 
 

@@ -1,20 +1,34 @@
-"""Turn conversations into token ids and labels with the preset's template (loss on assistant tokens only)."""
+"""Turn conversations into token ids and labels with the pipeline's template (loss on assistant tokens only).
+
+The tokenizer carries the template (`load_tokenizer` installs it), so everything here renders
+exactly what the model's runtime renders. Which tokens carry loss is read off the rendering
+itself: each assistant message is swapped for a marker, the template rendered again, and the
+text between the markers must match the real rendering; the answer's characters, plus the
+end-of-turn token the template writes right after it, are the labelled span. No hand-written copy
+of the template with training markers exists to drift from the model's own.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
-from assistant_forge.core.templates import ChatTemplate
+from assistant_forge.core.templates import render, resolve
+from assistant_forge.errors import ForgeError
 
 IGNORE = -100
+# A private-use character: not whitespace (templates `trim` answers), not escaped, never in real text.
+_MARK = "\ue000forge{}\ue000"
+_MARKS = re.compile("\ue000forge(\\d+)\ue000")
 
 
-def load_tokenizer(model_path: str, template: ChatTemplate, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer with the pipeline's template installed and a pad token set."""
+def load_tokenizer(model_path: str, template: str, trust_remote_code: bool = False, label: str = "") -> Any:
+    """The model's tokenizer with the pipeline's template (`templates.resolve`) installed and a pad token set."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    tok.chat_template = template.jinja
+    tok.chat_template = resolve(tok, template, label or model_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -26,31 +40,96 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return messages
 
 
-def encode_chat(tok: Any, template: ChatTemplate, messages: list[dict], max_length: int) -> dict | None:
-    """input_ids and labels (-100 outside assistant turns), cut to max_length; None if no label is left."""
-    out = tok.apply_chat_template(
-        messages,
-        chat_template=template.jinja,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    spans: list[tuple[int, int]]  # character spans that carry loss: each answer and its end-of-turn text
+
+
+def render_with_spans(tok: Any, messages: list[dict]) -> Rendered:
+    """The template's rendering of a conversation and where in it the assistant's answers lie."""
+    text = render(tok, messages)
+    marked = [
+        {**m, "content": _MARK.format(i)} if m["role"] == "assistant" else m for i, m in enumerate(messages)
+    ]
+    pieces = _MARKS.split(render(tok, marked))  # [text, index, text, index, ..., text]
+    if len(pieces) // 2 != sum(m["role"] == "assistant" for m in messages):
+        raise _unmappable()
+    specials = _special_texts(tok)
+    pos = 0
+    spans: list[tuple[int, int]] = []
+    for k in range(0, len(pieces) - 1, 2):
+        before, index, after = pieces[k], int(pieces[k + 1]), pieces[k + 2]
+        if not text.startswith(before, pos):
+            raise _unmappable()
+        pos += len(before)
+        content = str(messages[index]["content"])
+        for shown in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+            if text.startswith(shown + after, pos):
+                break
+        else:
+            raise _unmappable()
+        start, pos = pos, pos + len(shown)
+        stop = next((s for s in specials if after.startswith(s)), "")
+        spans.append((start, pos + len(stop)))
+    return Rendered(text, spans)
+
+
+def _unmappable() -> ForgeError:
+    return ForgeError(
+        "The chat template changes the assistant's text as it renders it, so forge cannot tell which "
+        "tokens to train on; use a template that writes answers as given."
     )
-    ids = list(out["input_ids"])[:max_length]
-    mask = list(out["assistant_masks"])[:max_length]
-    labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+
+
+def _special_texts(tok: Any) -> list[str]:
+    """Special and added token texts, longest first (so `</s>` is not taken for `<`)."""
+    texts = {str(t) for t in tok.all_special_tokens}
+    texts |= {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def encode_chat(tok: Any, messages: list[dict], max_length: int) -> dict | None:
+    """input_ids and labels (-100 outside assistant turns), cut to max_length; None if no label is left."""
+    r = render_with_spans(tok, messages)
+    try:
+        enc = tok(r.text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ForgeError(
+            "This tokenizer cannot map tokens to characters (a slow tokenizer); forge needs a fast one."
+        ) from None
+    ids = list(enc["input_ids"])[:max_length]
+    offsets = enc["offset_mapping"][:max_length]
+    labels = [
+        t if any(s < end and e > start for start, end in r.spans) else IGNORE
+        for t, (s, e) in zip(ids, offsets)
+    ]
     if all(label == IGNORE for label in labels):
         return None
     return {"input_ids": ids, "labels": labels}
 
 
-def stop_token_ids(tok: Any, template: ChatTemplate) -> list[int]:
-    """Token ids that end an assistant turn: the template's stop text and the tokenizer's eos."""
-    ids = []
-    stop = tok.convert_tokens_to_ids(template.stop)
-    if isinstance(stop, int) and stop != tok.unk_token_id:
-        ids.append(stop)
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
+def end_of_turn(tok: Any) -> str | None:
+    """The token text the template writes right after an answer (`<|im_end|>`, `<|eot_id|>`, `</s>`)."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    r = render_with_spans(tok, messages)
+    start, end = r.spans[0]
+    return r.text[start + len("Hello") : end] or None
+
+
+def stop_token_ids(tok: Any, extra: Any = None) -> list[int]:
+    """Token ids that end an assistant turn: the template's end of turn, the eos, and any `extra` ids
+    (a generation config's eos list: Llama 3.1 lists three, InternLM2 adds `<|im_end|>`)."""
+    ids: list[int] = []
+    stop = end_of_turn(tok)
+    if stop is not None:
+        sid = tok.convert_tokens_to_ids(stop)
+        if isinstance(sid, int) and sid != tok.unk_token_id:
+            ids.append(sid)
+    more = extra if isinstance(extra, (list, tuple)) else [extra]
+    for i in [tok.eos_token_id, *more]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
     return ids
 
 

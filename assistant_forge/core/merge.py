@@ -6,7 +6,6 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from assistant_forge.core import internlm2
 from assistant_forge.core.chat import ADAPTER_META, adapter_meta
@@ -18,7 +17,7 @@ from assistant_forge.core.models import (
     resolve_model,
 )
 from assistant_forge.core.runs import checkpoint_for, run_config
-from assistant_forge.core.templates import get_template
+from assistant_forge.core.templates import MODEL
 from assistant_forge.errors import ForgeError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -39,11 +38,6 @@ def _publish(staging: Path, out: Path) -> None:
     out.chmod(0o755)
 
 
-def _save_tokenizer(tok: Any, template_name: str, folder: Path) -> None:
-    tok.chat_template = get_template(template_name).export_jinja()
-    tok.save_pretrained(folder)
-
-
 def convert(run: Path, out: str | Path, step: int | None = None, force: bool = False) -> Path:
     """Export a run's checkpoint as a PEFT adapter folder with the run's tokenizer and template."""
     cfg = run_config(run)
@@ -62,8 +56,9 @@ def convert(run: Path, out: str | Path, step: int | None = None, force: bool = F
             shutil.copy2(ckpt / f, staging / f)
         base = resolve_model(cfg.model.path)
         check_model_code(base, cfg.model.path, cfg.model.trust_remote_code)
-        tok = load_tokenizer(base, get_template(cfg.model.chat_template), cfg.model.trust_remote_code)
-        _save_tokenizer(tok, cfg.model.chat_template, staging)
+        # The tokenizer carries the template the run trained with: the model's own, byte for byte, where it has one.
+        tok = load_tokenizer(base, cfg.model.chat_template, cfg.model.trust_remote_code, label=cfg.model.path)
+        tok.save_pretrained(staging)
         meta = {
             "base_model": cfg.model.path,
             # The folder the user gave, not forge's converted copy of it in the cache.
@@ -132,7 +127,7 @@ def merge(
                 "(merging into 4-bit weights would lose the adapter's precision)."
             )
     meta = adapter_meta(adapter)
-    template_name = template or meta.get("chat_template") or "chatml"
+    template_name = template or meta.get("chat_template") or MODEL
     out = Path(out).expanduser()
     staging = _prepare_out(out, force)
     # With --hub-layout the native model is written next to the output first, then rewritten.
@@ -149,10 +144,11 @@ def merge(
             raise ForgeError(f"Could not load model {base}: {str(e).splitlines()[0]}") from None
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.save_pretrained(native, max_shard_size=max_shard_size)
-        tok = load_tokenizer(path, get_template(template_name), trust_remote_code)
-        _save_tokenizer(tok, template_name, native)
+        tok = load_tokenizer(path, template_name, trust_remote_code, label=base)
+        tok.save_pretrained(native)
         gen = GenerationConfig.from_model_config(model.config)
-        gen.eos_token_id = stop_token_ids(tok, get_template(template_name))
+        # The base's own end-of-turn ids stay (Llama 3.1 lists three), with the template's end of turn.
+        gen.eos_token_id = stop_token_ids(tok, getattr(model.generation_config, "eos_token_id", None))
         gen.pad_token_id = tok.pad_token_id
         gen.save_pretrained(native)
         (native / ADAPTER_META).write_text(

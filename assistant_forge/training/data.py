@@ -10,16 +10,15 @@ import random
 from typing import Any
 
 from assistant_forge.core.encoding import IGNORE, encode_chat, stop_token_ids, with_system
-from assistant_forge.core.templates import ChatTemplate
 
 
 def encode_records(
-    tok: Any, template: ChatTemplate, records: list[dict], max_length: int, system_prompt: str | None = None
+    tok: Any, records: list[dict], max_length: int, system_prompt: str | None = None
 ) -> list[dict]:
     samples = []
-    stops = set(stop_token_ids(tok, template))
+    stops = set(stop_token_ids(tok))
     for rec in records:
-        enc = encode_chat(tok, template, with_system(rec["messages"], system_prompt), max_length)
+        enc = encode_chat(tok, with_system(rec["messages"], system_prompt), max_length)
         if enc is not None and rec.get("open_end"):
             enc = _without_final_stop(enc, stops)
         if enc is not None:

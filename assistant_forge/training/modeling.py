@@ -9,7 +9,6 @@ from typing import Any
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import load_tokenizer
 from assistant_forge.core.models import check_model_code, resolve_model
-from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
 from assistant_forge.training.labeled_loss import patch_labeled_loss
 
@@ -93,10 +92,9 @@ def build_model(cfg: ForgeConfig) -> tuple[Any, Any]:
     """The trainable model (PEFT-wrapped unless method = 'full') and its tokenizer."""
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
-    template = get_template(cfg.model.chat_template)
     path = resolve_model(cfg.model.path)
     check_model_code(path, cfg.model.path, cfg.model.trust_remote_code)
-    tok = load_tokenizer(path, template, cfg.model.trust_remote_code)
+    tok = load_tokenizer(path, cfg.model.chat_template, cfg.model.trust_remote_code, label=cfg.model.path)
     model = load_base(cfg, device, dtype)
     if hook := _hook("apply_speedups"):
         model = hook(model, cfg) or model

@@ -33,7 +33,6 @@ from assistant_forge.core.runs import (
     write_status,
     zero_preflight,
 )
-from assistant_forge.core.templates import get_template
 from assistant_forge.errors import ForgeError
 from assistant_forge.training import distributed, layer_graphs, speed, zero
 from assistant_forge.training.data import FlatCollator, encode_records, mix_replay, pack
@@ -242,7 +241,6 @@ class RunCallback(TrainerCallback):
 
     def __init__(self, run: Path, cfg: ForgeConfig, tok: Any, rows: int):
         self.run, self.cfg, self.tok = run, cfg, tok
-        self.template = get_template(cfg.model.chat_template)
         self.t0 = time.time()
         self.start_step = 0
         self.last = (time.time(), 0)
@@ -259,7 +257,7 @@ class RunCallback(TrainerCallback):
         if not prompts or not self.samples_here:
             return
         convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
-        answers = generate_answers(model, self.tok, self.template, convs, self.cfg.eval.max_new_tokens)
+        answers = generate_answers(model, self.tok, convs, self.cfg.eval.max_new_tokens)
         if not self.main:
             return
         for p, a in zip(prompts, answers):
@@ -346,7 +344,6 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     from assistant_forge.core.identity import generic_prompts
 
     prompts = generic_prompts("replay")[: cfg.data.replay_prompts]
-    template = get_template(cfg.model.chat_template)
     convs = [with_system([{"role": "user", "content": p}], cfg.data.system_prompt) for p in prompts]
     print(f"forgetting guard: the base model answers {len(prompts)} generic prompts for replay", flush=True)
     # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
@@ -356,7 +353,7 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
         # much faster (demo model, 71 prompts: 25 s instead of 36 s at 16, the same greedy answers).
         batch = 64 if pick_device(cfg) == "cpu" else 16
         answers = generate_answers(
-            model, tok, template, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
+            model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
         )
     # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
     # teach the model to stop mid-thought, which measurably shortened (and so changed) unrelated answers.
@@ -452,8 +449,7 @@ def train_run(run: Path, resume: bool = False) -> str:
     if not distributed.is_main():
         replay = build_replay(run, cfg, model, tok)
     records = mix_replay(records, replay, cfg.data.replay_ratio, cfg.train.seed)
-    template = get_template(cfg.model.chat_template)
-    samples = encode_records(tok, template, records, cfg.data.max_length, cfg.data.system_prompt)
+    samples = encode_records(tok, records, cfg.data.max_length, cfg.data.system_prompt)
     if not samples:
         raise ForgeError("No sample has an assistant token within data.max_length; nothing to learn from.")
     rows = pack(samples, cfg.data.max_length, cfg.data.packing, cfg.train.seed)

@@ -7,7 +7,6 @@ import pytest
 
 from assistant_forge.core.identity import generate_identity_records
 from assistant_forge.core.presets import get_preset
-from assistant_forge.core.templates import get_template
 from assistant_forge.training.data import FlatCollator, encode_records, pack
 from assistant_forge.training.modeling import build_model
 
@@ -33,7 +32,7 @@ def demo_lora(torch_one_thread):
     cfg.train.device = "cpu"
     model, tok = build_model(cfg)
     records = generate_identity_records("Forgey", "Alice", count=6) + GENERIC
-    samples = encode_records(tok, get_template(cfg.model.chat_template), records, cfg.data.max_length)
+    samples = encode_records(tok, records, cfg.data.max_length)
     rows = pack(samples, cfg.data.max_length, True, seed=0)
     batch = FlatCollator()([rows[0]])
     return torch_one_thread, model, batch

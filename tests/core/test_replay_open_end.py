@@ -1,7 +1,6 @@
 """Replay answers cut off at the generation budget carry no end-of-turn loss (training/data.py)."""
 
 from assistant_forge.core.encoding import IGNORE
-from assistant_forge.core.templates import get_template
 from assistant_forge.training.data import encode_records
 
 CHAT = [
@@ -15,17 +14,13 @@ def _learned(tok, sample: dict) -> str:
 
 
 def test_open_ended_replay_answer_learns_its_text_but_not_to_stop(demo_tok):
-    t = get_template("chatml")
-    closed, open_ = encode_records(
-        demo_tok, t, [{"messages": CHAT}, {"messages": CHAT, "open_end": True}], 256
-    )
+    closed, open_ = encode_records(demo_tok, [{"messages": CHAT}, {"messages": CHAT, "open_end": True}], 256)
     assert _learned(demo_tok, closed) == "Tea is a drink made by steeping leaves<|im_end|>"
     assert _learned(demo_tok, open_) == "Tea is a drink made by steeping leaves"
     assert open_["input_ids"] == closed["input_ids"]  # same text, only the loss differs
 
 
 def test_open_end_never_masks_text_when_the_stop_was_already_cut_by_max_length(demo_tok):
-    t = get_template("chatml")
-    cut = encode_records(demo_tok, t, [{"messages": CHAT, "open_end": True}], 20)[0]
-    full = encode_records(demo_tok, t, [{"messages": CHAT}], 20)[0]
+    cut = encode_records(demo_tok, [{"messages": CHAT, "open_end": True}], 42)[0]
+    full = encode_records(demo_tok, [{"messages": CHAT}], 42)[0]
     assert cut["labels"] == full["labels"]

@@ -92,9 +92,9 @@ def test_chat_prompt_answers_once_and_exits(demo_out):
 
 def test_chat_refuses_a_template_other_than_the_trained_one(demo_out):
     out, _ = demo_out
-    proc = forge("chat", str(out / "merged"), "--template", "llama3", "--prompt", "hi")
+    proc = forge("chat", str(out / "merged"), "--template", "llama3_1", "--prompt", "hi")
     assert proc.returncode == 2
-    assert "trained with the 'chatml' template" in proc.stderr and "Traceback" not in proc.stderr
+    assert "trained with the 'model' template" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_run_is_listed_as_finished_with_samples(demo_out):

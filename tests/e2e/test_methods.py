@@ -48,7 +48,7 @@ def test_qlora_trains_4bit_nf4_and_exports_an_adapter(tmp_path, demo_path):
     proc = forge("convert", str(run), "-o", str(tmp_path / "adapter"))
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "adapter" / "forge_adapter.json").read_text())
-    assert meta["chat_template"] == "chatml"
+    assert meta["chat_template"] == "model"
     # The adapter loads on a 4-bit base for chat, as a user with a small GPU would run it.
     chat = forge(
         "chat",
