@@ -90,10 +90,13 @@ def test_native_model_reproduces_the_hub_code(i: int, reference, torch_one_threa
 
 
 def test_tokenizer_and_its_own_template_give_the_reference_ids(reference) -> None:
-    from transformers import AutoTokenizer
+    """forge's tokenizer with the model's own template (kept through the conversion)."""
+    from assistant_forge.core.encoding import encode_chat, load_tokenizer
 
     meta, ref = reference
-    tok = AutoTokenizer.from_pretrained(resolve_model(str(TINY)))
+    tok = load_tokenizer(resolve_model(str(TINY)), "model")
+    hub_template = json.loads((TINY / "tokenizer_config.json").read_text())["chat_template"]
+    assert tok.chat_template == hub_template
     assert len(tok) == 1024  # the special tokens took the placeholder ids instead of new ones
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|plugin|>"]) == [1023, 1022, 1018]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
@@ -103,6 +106,11 @@ def test_tokenizer_and_its_own_template_give_the_reference_ids(reference) -> Non
         assert text == p["rendered"]
         # The rendering starts with the text <s>: no second BOS.
         assert tok(text, add_special_tokens=False).input_ids == ref[f"input_ids_{i}"].tolist()
+    # Training on it: the loss falls on the answer and its <|im_end|> (id 1022), nothing else.
+    messages = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Forgey."}]
+    enc = encode_chat(tok, messages, 256)
+    labelled = [t for t in enc["labels"] if t != -100]
+    assert labelled[-1] == 1022 and tok.decode(labelled[:-1]) == "I am Forgey."
 
 
 def test_real_tokenizer_gives_the_hub_tokenizers_ids(tmp_path: Path) -> None:
@@ -219,9 +227,7 @@ def _adapter(tmp_path: Path) -> Path:
                 p.normal_(0, 0.05)
     out = tmp_path / "adapter"
     model.save_pretrained(str(out))
-    (out / "forge_adapter.json").write_text(
-        json.dumps({"base_model": str(TINY), "chat_template": "internlm2"})
-    )
+    (out / "forge_adapter.json").write_text(json.dumps({"base_model": str(TINY), "chat_template": "model"}))
     return out
 
 
@@ -236,9 +242,11 @@ def test_merge_hub_layout_matches_the_native_merge(tmp_path: Path) -> None:
     assert json.loads((hub / "config.json").read_text()) == json.loads((TINY / "config.json").read_text())
     wqkv = "model.layers.0.attention.wqkv.weight"
     assert not torch.equal(_tensors(hub)[wqkv], _tensors(TINY)[wqkv])  # the adapter is in
+    assert "auto_map" not in json.loads((native / "config.json").read_text())  # plain transformers loads it
+    assert type(_load(native)).__name__ == "LlamaForCausalLM"
     # forge reads its own hub-layout output back to exactly the natively merged weights.
     _same(_tensors(internlm2.native_dir(hub)), _tensors(native))
-    assert json.loads((hub / "forge_adapter.json").read_text())["chat_template"] == "internlm2"
+    assert json.loads((hub / "forge_adapter.json").read_text())["chat_template"] == "model"
     assert "<|im_start|>" in json.loads((hub / "tokenizer_config.json").read_text())["chat_template"]
     assert json.loads((hub / "generation_config.json").read_text())["eos_token_id"] == [1022, 2]
     assert not list(tmp_path.glob(".hub*")) and not list(tmp_path.glob(".native*"))  # no staging left
