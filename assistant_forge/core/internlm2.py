@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,7 +131,13 @@ def native_dir(folder: str | Path, name: str | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (target / COMPLETE).is_file():
             return target
+        for orphan in root.glob(".*.tmp*"):  # staging of a conversion killed mid-way (we hold the lock)
+            shutil.rmtree(orphan, ignore_errors=True)
         _check_space(folder, files, root)
+        # A 7B takes a minute or two: say why nothing else happens meanwhile (the TUI captures stderr).
+        print(
+            f"forge: converting {folder} to transformers' Llama layout, once, into {target}", file=sys.stderr
+        )
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp"))
         try:
             try:

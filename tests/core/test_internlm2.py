@@ -276,6 +276,13 @@ def test_corrupt_checkpoint_leaves_no_cache_folder(tmp_path: Path, _own_cache: P
         "\n" not in msg and "Could not convert the InternLM2 checkpoint" in msg and "nothing was kept" in msg
     )
     assert [p.name for p in (_own_cache / "native").iterdir()] == [".lock"]
+    # A conversion killed outright (no cleanup ran) leaves its staging folder: the next one removes it.
+    orphan = _own_cache / "native" / ".tiny-a-123.tmpabc"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"half")
+    shutil.copy2(TINY / "model.safetensors", src / "model.safetensors")
+    assert (Path(resolve_model(str(src))) / ".complete").is_file()
+    assert not orphan.exists()
 
 
 def test_pickled_weights_are_refused(tmp_path: Path) -> None:
