@@ -372,6 +372,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> None:
         raise ForgeError(f"{src} is not an InternLM2 checkpoint (config.json model_type is not internlm2).")
     files = weight_files(src)
     config = llama_config(hub)
+    write_native_tokenizer(src, dst)  # first: cheap, and fails before gigabytes are written
     shape = _Shape(hub)
     writer = _ShardWriter(dst)
     for shard, get, names in _stream(src, files):
@@ -385,7 +386,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> None:
         raise ForgeError(f"The InternLM2 checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}.")
     writer.finish(files)
     config.save_pretrained(dst)
-    write_native_tokenizer(src, dst)
     for name in CARRIED:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
@@ -404,7 +404,12 @@ def write_native_tokenizer(src: Path, dst: Path) -> None:
     cfg_path = src / "tokenizer_config.json"
     if not (src / TOKENIZER_MODEL).is_file() or not cfg_path.is_file():
         raise ForgeError(f"{src} lacks {TOKENIZER_MODEL} or tokenizer_config.json (InternLM2's tokenizer).")
-    from sentencepiece import sentencepiece_model_pb2
+    try:  # transformers also needs both to read the result (TOKENIZERS.md: else a misleading tiktoken error)
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise ForgeError(
+            "InternLM2's tokenizer needs the sentencepiece and protobuf packages: pip install sentencepiece protobuf."
+        ) from None
 
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     proto = sentencepiece_model_pb2.ModelProto()
