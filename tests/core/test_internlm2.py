@@ -250,6 +250,13 @@ def test_merge_hub_layout_matches_the_native_merge(tmp_path: Path) -> None:
     assert "<|im_start|>" in json.loads((hub / "tokenizer_config.json").read_text())["chat_template"]
     assert json.loads((hub / "generation_config.json").read_text())["eos_token_id"] == [1022, 2]
     assert not list(tmp_path.glob(".hub*")) and not list(tmp_path.glob(".native*"))  # no staging left
+    # A bf16 merge of the fp32 base: the hub config says so, and nothing else in it changes.
+    bf16 = merge(str(TINY), adapter, tmp_path / "hub16", dtype="bf16", hub_layout=True)
+    assert {t.dtype for t in _tensors(bf16).values()} == {torch.bfloat16}
+    assert json.loads((bf16 / "config.json").read_text()) == {
+        **json.loads((TINY / "config.json").read_text()),
+        "torch_dtype": "bfloat16",
+    }
 
 
 def test_hub_layout_is_refused_for_other_bases(tmp_path: Path) -> None:
@@ -384,3 +391,55 @@ def test_forge_chat_on_the_hub_folder_needs_no_remote_code(tmp_path: Path) -> No
     assert "trust_remote_code" not in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout.strip()
+
+
+@pytest.mark.slow
+def test_train_convert_merge_chat_on_the_hub_folder(tmp_path: Path) -> None:
+    """The real CLI on tiny-a: QLoRA (NF4 on the CPU) with packing, then convert, merge --hub-layout, chat."""
+    from forge_testing import forge
+
+    from assistant_forge.core.dataset import write_records
+    from assistant_forge.core.identity import generate_identity_records
+
+    write_records(
+        generate_identity_records("Forgey", "Alice", langs=["en"], count=16), tmp_path / "data.jsonl"
+    )
+    (tmp_path / "cfg.toml").write_text(f"""
+[model]
+path = "{TINY}"
+[data]
+files = ["data.jsonl"]
+max_length = 128
+packing = true
+[lora]
+method = "qlora"
+r = 4
+alpha = 8
+dropout = 0.0
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+[train]
+max_steps = 2
+micro_batch_size = 2
+grad_accum = 1
+save_steps = 2
+optimizer = "adamw_torch"
+gradient_checkpointing = false
+cpu_threads = 1
+[eval]
+prompts = []
+""")
+    env = {"FORGE_CACHE_DIR": os.environ["FORGE_CACHE_DIR"]}
+    trained = forge("train", str(tmp_path / "cfg.toml"), env=env, stdin=subprocess.DEVNULL)
+    assert trained.returncode == 0 and "run finished" in trained.stdout, trained.stdout + trained.stderr
+    [status] = Path(os.environ["FORGE_RUNS_DIR"]).glob("*/status.json")
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert forge("convert", str(status.parent), "-o", str(adapter), env=env).returncode == 0
+    meta = json.loads((adapter / "forge_adapter.json").read_text())
+    assert meta["base_model"] == meta["base_model_path"] == str(TINY)  # the user's folder, not the cache
+    done = forge(
+        "merge", str(TINY), str(adapter), "-o", str(merged), "--hub-layout", "--dtype", "fp32", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((merged / "config.json").read_text()) == json.loads((TINY / "config.json").read_text())
+    chat = forge("chat", str(merged), "--prompt", "Who are you?", "--max-new-tokens", "4", env=env)
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr
