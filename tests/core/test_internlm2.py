@@ -323,7 +323,8 @@ def _contiguous_split(w, kv_heads, groups, head_dim):
 
 
 @pytest.mark.parametrize(
-    "mistake", ["qkv split contiguous", "w1/w3 swapped", "norms swapped", "rope_scaling dropped"]
+    "mistake",
+    ["qkv split contiguous", "w1/w3 swapped", "norms swapped", "rope_scaling dropped", "rope_theta wrong"],
 )
 def test_each_known_mistake_fails_the_check(
     mistake: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference
@@ -341,10 +342,13 @@ def test_each_known_mistake_fails_the_check(
     elif mistake == "norms swapped":
         monkeypatch.setitem(internlm2.LAYER_MAP, "attention_norm", "post_attention_layernorm")
         monkeypatch.setitem(internlm2.LAYER_MAP, "ffn_norm", "input_layernorm")
-    else:
+    elif mistake == "rope_scaling dropped":
         monkeypatch.setattr(
             internlm2, "rope_parameters", lambda hub: {"rope_type": "default", "rope_theta": 1e6}
         )
+    else:
+        wrong = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}  # Llama-2's default base
+        monkeypatch.setattr(internlm2, "rope_parameters", lambda hub: wrong)
     bad = tmp_path / "bad"
     bad.mkdir()
     internlm2.convert_checkpoint(TINY, bad)
