@@ -291,6 +291,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
         dtype=a.dtype,
         force=a.force,
         trust_remote_code=a.trust_remote_code,
+        hub_layout=a.hub_layout,
     )
     print(f"merged model written to {out}")
     return 0
@@ -520,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     sp.add_argument("--force", action="store_true", help="replace OUTPUT")
     sp.add_argument("--trust-remote-code", action="store_true")
+    sp.add_argument(
+        "--hub-layout",
+        action="store_true",
+        help="InternLM2 bases: write the hub's original layout (fused wqkv, remote-code config) for LMDeploy/XTuner",
+    )
 
     sp = add(sub, "chat", cmd_chat, "chat with a model (streaming)")
     sp.add_argument("model", help="model folder, hub id or 'demo'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -11,6 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from assistant_forge.core import internlm2
 from assistant_forge.errors import ForgeError
 from assistant_forge.paths import cache_dir
 
@@ -27,21 +29,34 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def resolve_model(spec: str) -> str:
-    """Turn a model argument into something `from_pretrained` takes, or raise a clear error."""
+    """Turn a model argument into something `from_pretrained` takes, or raise a clear error.
+
+    A checkpoint of a family whose hub code does not run on transformers 5 (InternLM2) resolves to
+    its native copy in the cache, so every caller loads a transformers-native architecture.
+    """
     if spec == DEMO:
         return str(demo_model_dir())
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ForgeError(f"Model folder {spec} has no config.json; is it a Hugging Face model folder?")
+        if internlm2.is_internlm2(path):
+            return str(internlm2.native_dir(path))
         return str(path)
     if path.exists():
         raise ForgeError(f"Model {spec} is a file, not a model folder.")
     if looks_like_hub_id(spec) and not os.path.isabs(spec):
-        return spec
+        native = _hub_native(spec)
+        return str(native) if native else spec
     raise ForgeError(
         f"Model folder {spec} does not exist (give a local folder, a hub id like org/name, or 'demo')."
     )
+
+
+@functools.cache
+def _hub_native(spec: str) -> Path | None:
+    # Callers resolve the same hub id several times per process: ask the hub once.
+    return internlm2.hub_native(spec)
 
 
 def check_model_code(path: str, spec: str, trust_remote_code: bool) -> None:
