@@ -176,6 +176,14 @@ def _load_tokenizer(model: str, template: str, trust_remote_code: bool) -> Any:
     return load_tokenizer(model, template, trust_remote_code)
 
 
+@functools.cache
+def _auto_tokenizer(folder: Path) -> Any:
+    """A folder's tokenizer as any transformers user loads it (once: Qwen's takes seconds)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def _loss_spans(sample: dict) -> list[list[int]]:
     spans: list[list[int]] = []
     prev = False
@@ -203,10 +211,8 @@ def test_trains_and_runs_every_stage(pipeline: dict[str, Any]) -> None:
 
 
 def test_merged_tokenizer_keeps_the_official_template(pipeline: dict[str, Any]) -> None:
-    from transformers import AutoTokenizer
-
     family: Family = pipeline["family"]
-    tok = AutoTokenizer.from_pretrained(pipeline["merged"])
+    tok = _auto_tokenizer(pipeline["merged"])
     assert tok.chat_template == official_template(family.key)
     assert {t: tok.convert_tokens_to_ids(t) for t in family.special_ids} == family.special_ids
 
@@ -252,17 +258,17 @@ def test_stop_ids_hold_the_family_end_of_turn(pipeline: dict[str, Any]) -> None:
 
 
 def test_family_details(pipeline: dict[str, Any]) -> None:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     family: Family = pipeline["family"]
     merged = pipeline["merged"]
     config = AutoConfig.from_pretrained(merged)
-    tok = AutoTokenizer.from_pretrained(merged)
+    tok = _auto_tokenizer(merged)
     gen = GenerationConfig.from_pretrained(merged)
     if family.key == "llama3_1":
         assert config.vocab_size == len(tok) == 128256
         # Llama 3.1 ships no pad token (the training-sample test shows padding with eos costs no label).
-        assert AutoTokenizer.from_pretrained(pipeline["model"]).pad_token is None
+        assert _auto_tokenizer(pipeline["model"]).pad_token is None
     elif family.key == "mistral_v3":
         # v0.3's vocabulary: 32768 (v0.1/v0.2 had 32000); the model and tokenizer must agree.
         assert config.vocab_size == len(tok) == 32768
