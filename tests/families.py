@@ -9,8 +9,8 @@ template (forge's package data). Tokenizers are the real ones wherever a PyPI pa
 - Mistral v0.3: `mistral-common` ships the v3 SentencePiece model.
 - Qwen2.5: `dashscope` ships `qwen.tiktoken`, the BPE ranks Qwen2 shares with Qwen1; Qwen2.5's
   special tokens are added on top at their hub ids.
-- InternLM2: the hub-format tiny checkpoint from `tests/fixtures/internlm2/tiny-a` (its own small
-  tokenizer, laid out like the real one).
+- InternLM2: the hub-format tiny checkpoint `tests/fixtures/internlm2/tiny-a` (remote-code files and
+  all; its own small SentencePiece tokenizer, laid out like the real one).
 - Yi-1.5: no package ships it, so a STAND-IN: a small SentencePiece BPE trained here on the project's
   sample data, with Yi's special tokens at Yi's ids (`<|startoftext|>` 1, `<|endoftext|>` 2,
   `<|im_start|>` 6, `<|im_end|>` 7, `<|im_sep|>` 8) and Yi's 64000-row embedding.
@@ -33,13 +33,10 @@ from typing import Any
 from assistant_forge.core.models import fetch_package_file
 from assistant_forge.paths import bundled, cache_dir
 
-BUILD = "2"
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "assistant_forge" / "core" / "chat_templates"
+BUILD = "3"
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "templates" / "golden.json"
 REPO = Path(__file__).resolve().parents[1]
 INTERNLM2_TINY = REPO / "tests" / "fixtures" / "internlm2" / "tiny-a"
-# Only while branch internlm2 has not reached main: the same checkpoint in the shared reference folder.
-INTERNLM2_TINY_SHARED = REPO.parent / "shared" / "families" / "internlm2" / "tiny-a"
 
 TINY = {
     "hidden_size": 64,
@@ -61,7 +58,10 @@ class Family:
 
 
 def official_template(key: str) -> str:
-    return (TEMPLATES_DIR / f"{key}.jinja").read_text(encoding="utf-8")
+    """The family's official chat template, as forge ships it (package data)."""
+    from assistant_forge.core.templates import shipped
+
+    return shipped(key)
 
 
 def golden() -> dict[str, Any]:
@@ -396,14 +396,11 @@ def build_yi_1_5(folder: Path) -> None:
 
 
 def build_internlm2_5(folder: Path) -> None:
-    src = INTERNLM2_TINY if INTERNLM2_TINY.is_dir() else INTERNLM2_TINY_SHARED
-    skip = ("reference.json", "reference.safetensors")
-    shutil.copytree(src, folder, dirs_exist_ok=True, ignore=lambda _d, names: [n for n in names if n in skip])
-    # The hub's InternLM2.5 tokenizer_config carries the official template; tiny-a's may not.
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg["chat_template"] = official_template("internlm2_5")
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    """tiny-a as a user's download: hub layout, remote-code files, the official template already inside."""
+    skip = ("reference.json", "reference.safetensors")  # the InternLM2 tests' references, not hub files
+    shutil.copytree(
+        INTERNLM2_TINY, folder, dirs_exist_ok=True, ignore=lambda _d, names: [n for n in names if n in skip]
+    )
 
 
 FAMILIES: dict[str, Family] = {
