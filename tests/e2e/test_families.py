@@ -286,21 +286,66 @@ def test_family_details(pipeline: dict[str, Any]) -> None:
         assert {2, 7} <= set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
 
 
+# What the family's hub folder says, for checking the fixture folders: architecture, vocabulary rows,
+# tokenizer length, generation_config eos, and "Hello world!" ids where a reference is known
+# (Llama 3 and Mistral v3: the packages' own tokenizers, see families/TOKENIZERS.md; Qwen2: its hub tokenizer).
+HUB = {
+    "llama3_1": ("LlamaForCausalLM", 128256, 128256, [128001, 128008, 128009], [9906, 1917, 0]),
+    "mistral_v3": ("MistralForCausalLM", 32768, 32768, 2, [23325, 2294, 29576]),
+    "qwen2_5": ("Qwen2ForCausalLM", 151936, 151665, [151645, 151643], [9707, 1879, 0]),
+    "yi_1_5": ("LlamaForCausalLM", 64000, None, 2, None),
+    "internlm2_5": ("InternLM2ForCausalLM", 1024, 1024, [2, 1022], None),
+}
+
+
+@pytest.mark.parametrize("key", sorted(FAMILIES))
+def test_family_folder_is_laid_out_like_the_hub(key: str) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    family = FAMILIES[key]
+    folder = family_model(key)
+    arch, rows, tok_len, eos, hello = HUB[key]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [arch] and config["vocab_size"] == rows
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == eos
+    # The template lives in tokenizer_config.json, as the hub's files have it.
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == official_template(
+        key
+    )
+    if key == "internlm2_5":
+        return  # its tokenizer loads through forge's InternLM2 conversion (tests/core/test_internlm2.py)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert {t: tok.convert_tokens_to_ids(t) for t in family.special_ids} == family.special_ids
+    assert tok_len is None or len(tok) == tok_len
+    if hello:
+        assert tok("Hello world!", add_special_tokens=False)["input_ids"] == hello
+    if key == "qwen2_5":
+        assert "q_proj.bias" in " ".join(_tensor_names(folder))
+
+
+def _tensor_names(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
 @pytest.mark.parametrize("key", sorted(FAMILIES))
 def test_preset_template_renders_golden_with_the_real_tokenizer(key: str) -> None:
-    """The template forge uses for the family's presets, on the family's tokenizer, renders the golden
-    strings byte for byte, and the tokens forge trains on are the tokenizer's tokens of that string."""
+    """The template forge uses for the family's presets (and `model`, the model's own), on the family's
+    tokenizer, renders the golden strings byte for byte, and the tokens forge trains on are the
+    tokenizer's tokens of that string."""
     from assistant_forge.core.encoding import encode_chat
     from assistant_forge.core.templates import render
 
     family = FAMILIES[key]
     g = golden()
-    for preset in family.presets:
-        cfg = load_config(bundled("presets") / f"{preset}.toml")
-        tok = _pipeline_tokenizer(cfg, family_model(key))
+    templates = {load_config(bundled("presets") / f"{p}.toml").model.chat_template for p in family.presets}
+    for template in sorted(templates | {"model"}):
+        tok = _load_tokenizer(str(family_model(key)), template, False)
         for name, c in g["conversations"].items():
             text = render(tok, c["messages"], c["add_generation_prompt"])
-            assert text == g["families"][key]["renderings"][name], (preset, name)
+            assert text == g["families"][key]["renderings"][name], (template, name)
             if not c["add_generation_prompt"]:
                 enc = encode_chat(tok, c["messages"], 4096)
                 assert (
