@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from families import QWEN_PACKAGE, QWEN_SHA256
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from families import QWEN_PACKAGE, QWEN_SHA256  # noqa: E402
-
-from assistant_forge.core.models import fetch_package_file  # noqa: E402
-from assistant_forge.errors import ForgeError  # noqa: E402
+from assistant_forge.core.models import fetch_package_file
+from assistant_forge.errors import ForgeError
 
 
 def test_fetches_checks_and_caches_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,17 +9,12 @@ there), and on the tiny Mistral, which has none (the repacked path silently drop
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from families import family_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from families import family_model  # noqa: E402
-
-from assistant_forge.core.config import ForgeConfig  # noqa: E402
-from assistant_forge.training.data import FlatCollator, encode_records, pack  # noqa: E402
-from assistant_forge.training.modeling import build_model  # noqa: E402
+from assistant_forge.core.config import ForgeConfig
+from assistant_forge.training.data import FlatCollator, encode_records, pack
+from assistant_forge.training.modeling import build_model
 
 CHAT = [
     {"role": "user", "content": "Who are you?"},
