@@ -390,7 +390,8 @@ def build_yi_1_5(folder: Path) -> None:
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    # Yi-1.5-Chat's generation_config names <|endoftext|> (2) as eos; its turns end with <|im_end|> (7).
+    # Yi-1.5-Chat's generation_config names <|endoftext|> (2) as eos while its turns end with <|im_end|> (7)
+    # (from memory of the hub files: not checked offline; the stand-in keeps the trap either way).
     gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     _save(folder, config, yi_standin_tokenizer(), "yi_1_5", gen, "LlamaTokenizer")
 
