@@ -26,7 +26,7 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def _table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+def _table(columns: list[Any], rows: list[list[Any]], title: str | None = None) -> None:
     from rich.table import Table
 
     t = Table(*columns, title=title)
@@ -46,9 +46,20 @@ def cmd_presets_list(a: argparse.Namespace) -> int:
         c = p.load()
         gpu = f"{c.meta.min_gpu_gib:g} GiB" if c.meta.min_gpu_gib else "none (CPU)"
         rows.append(
-            [p.name + (" (user)" if p.user else ""), c.model.path, c.lora.method, c.data.max_length, gpu]
+            [
+                p.name + (" (user)" if p.user else ""),
+                c.model.path,
+                c.lora.method,
+                c.data.max_length,
+                gpu,
+                c.meta.verified or "-",
+            ]
         )
-    _table(["name", "model", "method", "max length", "min GPU memory"], rows)
+    from rich.table import Column
+
+    # Names stay whole (they are what `forge presets copy` takes); the other columns wrap instead.
+    name = Column("name", no_wrap=True, min_width=max((len(r[0]) for r in rows), default=4))
+    _table([name, "model", "method", "max length", "min GPU memory", "verified"], rows)
     return 0
 
 
@@ -370,6 +381,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
         dtype=a.dtype,
         force=a.force,
         trust_remote_code=a.trust_remote_code,
+        hub_layout=a.hub_layout,
     )
     print(f"merged model written to {out}")
     return 0
@@ -621,6 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     sp.add_argument("--force", action="store_true", help="replace OUTPUT")
     sp.add_argument("--trust-remote-code", action="store_true")
+    sp.add_argument(
+        "--hub-layout",
+        action="store_true",
+        help="InternLM2 bases: write the hub's original layout (fused wqkv, remote-code config) for LMDeploy/XTuner",
+    )
 
     sp = add(sub, "chat", cmd_chat, "chat with a model (streaming)")
     sp.add_argument("model", help="model folder, hub id or 'demo'")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from assistant_forge.core import internlm2
 from assistant_forge.core.encoding import stop_token_ids, with_system
 from assistant_forge.core.models import (
     check_model_code,
@@ -201,7 +202,7 @@ def load_chat_model(
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ForgeError(f"Could not load model {model}: {str(e).splitlines()[0]}") from None
-    label = Path(path).name
+    label = Path(internlm2.source_folder(path) or path).name  # the user's folder, not its cached copy
     if adapter:
         from peft import PeftModel
 

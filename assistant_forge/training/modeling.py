@@ -85,7 +85,22 @@ def load_base(cfg: ForgeConfig, device: str, dtype: Any) -> Any:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ForgeError(f"Could not load model {cfg.model.path}: {str(e).splitlines()[0]}") from None
+    if cfg.lora.method == "qlora" and device == "cpu":
+        keep_4bit_trainable_on_cpu(model)
     return model
+
+
+def keep_4bit_trainable_on_cpu(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference the first time they run in eval mode.
+
+    bitsandbytes 0.50 does that on CPUs with AVX512-BF16 and never undoes it: after the sample or replay
+    answers (generated in eval mode), training then runs through a kernel without autograd, which
+    drops the gradient through the base weights and fails outright on layers with a bias (Qwen2's
+    q/k/v: "a view of a leaf Variable that requires grad is being used in an in-place operation").
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def build_model(cfg: ForgeConfig) -> tuple[Any, Any]:
