@@ -441,7 +441,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "internlm2_5",
-            ("internlm2_5-7b-chat-qlora", "internlm2-chat-1_8b-qlora"),
+            ("internlm2_5-7b-chat-qlora", "internlm2_5-7b-chat-qlora-oasst1", "internlm2-chat-1_8b-qlora"),
             "<|im_end|>",
             "CI: tiny InternLM2 checkpoint",
             build_internlm2_5,

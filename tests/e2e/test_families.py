@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import tomli_w
 from families import FAMILIES, Family, family_model, golden, official_template
-from forge_testing import forge
+from forge_testing import cache_as_hub_download, forge
 
 from assistant_forge.core.config import load_config
 from assistant_forge.paths import bundled
@@ -141,7 +141,7 @@ def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         return {**_RUNS[same], "preset": preset}
     _RUNS[same] = {"preset": preset, "failed": "(see that preset)"}
     run, adapter, merged = tmp / "run", tmp / "adapter", tmp / "merged"
-    _ok(forge("train", str(cfg_path), "--run-dir", str(run)), "forge train")
+    _ok(forge("train", str(cfg_path), "--run-dir", str(run), env=_hub_env(tmp_path_factory)), "forge train")
     _ok(forge("convert", str(run), "-o", str(adapter)), "forge convert")
     _ok(forge("merge", str(model), str(adapter), "-o", str(merged)), "forge merge")
     chat = forge("chat", str(merged), "--prompt", "Who are you?", "--max-new-tokens", "4")
@@ -162,6 +162,20 @@ def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         "eval": json.loads(ev.stdout),
     }
     return _RUNS[same]
+
+
+def _hub_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An offline datasets cache holding timdettmers/openassistant-guanaco as a download leaves it (the
+    fixture's guanaco rows), for presets that mix it in (internlm2_5-7b-chat-qlora-oasst1)."""
+    hf = tmp_path_factory.getbasetemp() / "hf-home"
+    if not hf.exists():
+        rows = (
+            (REPO / "tests" / "fixtures" / "data" / "guanaco.jsonl").read_text(encoding="utf-8").splitlines()
+        )
+        cache_as_hub_download(
+            hf, "timdettmers/openassistant-guanaco", {"train": [json.loads(r) for r in rows]}
+        )
+    return {"HF_HOME": str(hf), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def _pipeline_tokenizer(cfg: Any, model: Path) -> Any:
