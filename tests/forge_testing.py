@@ -110,11 +110,14 @@ def bench_cfg(seq: int, dropout: float, compiled: bool = False) -> Any:
     return cfg
 
 
-def cache_as_hub_download(hf_home: Path, repo_id: str, splits: dict[str, list[dict]]) -> None:
+def cache_as_hub_download(
+    hf_home: Path, repo_id: str, splits: dict[str, list[dict]], config: str = "default"
+) -> None:
     """Leave in HF_HOME what `datasets.load_dataset(repo_id)` leaves after downloading a Parquet dataset
     online: `<owner>___<name>/default/0.0.0/<revision>/` holding dataset_info.json and `<name>-<split>.arrow`.
     datasets' own Parquet builder writes the files; they are then moved to the hub dataset's place, the
     one place datasets 5.2 looks for `owner/name` when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set."""
+    import json
     import shutil
 
     import pyarrow as pa
@@ -132,8 +135,10 @@ def cache_as_hub_download(hf_home: Path, repo_id: str, splits: dict[str, list[di
     cache = hf_home / "datasets"
     builder = Parquet(cache_dir=str(cache), dataset_name=name, data_files=DataFilesDict.from_patterns(files))
     builder.download_and_prepare()
-    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123456789abcdef"
+    target = cache / f"{owner}___{name}" / config / "0.0.0" / "0123456789abcdef"
     target.parent.mkdir(parents=True)
     shutil.move(builder.cache_dir, target)
+    info = json.loads((target / "dataset_info.json").read_text(encoding="utf-8"))
+    (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": config}), encoding="utf-8")
     shutil.rmtree(cache / name)
     shutil.rmtree(raw)

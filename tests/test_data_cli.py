@@ -49,6 +49,18 @@ def test_hub_dataset_loads_offline_from_the_datasets_cache(tmp_path):
     )
     err = _one_error_line(forge("data", "check", "hf:timdettmers/openassistant-guanaco:validation", env=env))
     assert "Unknown split" in err and "validation" in err
+    # A second configuration (subset) of a dataset, chosen with --hf-config.
+    cache_as_hub_download(tmp_path / "hf", "someone/multi", {"train": GUANACO[:2]}, config="zh")
+    cache_as_hub_download(tmp_path / "hf", "someone/multi", {"train": GUANACO[:3]}, config="en")
+    proc = forge("data", "check", "hf:someone/multi", "--hf-config", "zh", env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("hf:someone/multi: 2 conversations OK"), (
+        proc.stderr
+    )
+    err = _one_error_line(forge("data", "check", "hf:someone/multi", "--hf-config", "fr", env=env))
+    assert (
+        "hf:someone/multi (fr):train: no configuration 'fr' in the local datasets cache (it has en, zh)"
+        in err
+    )
     err = _one_error_line(forge("data", "check", "hf:someone/never-downloaded", env=env))
     assert "hf:someone/never-downloaded:train is not in the local datasets cache" in err
     assert str(tmp_path / "hf" / "datasets") in err

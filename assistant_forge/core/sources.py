@@ -9,7 +9,9 @@ does not pull torch, but `forge --help` should not wait for it).
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,11 +260,14 @@ def _explain(e: Exception, src: Source, kind: str) -> DatasetError:
             )
         if "Unknown split" in text:
             return DatasetError(f"{src.label}: {text.rstrip('.')}.")
-        if "Couldn't find cache" in text or "config" in text.lower():
+        if "Couldn't find cache" in text:  # offline, and this configuration was never downloaded
+            cached = re.search(r"Available configs in the cache: (\[.*?\])", str(e))
             return DatasetError(
-                f"{src.label}: {text.rstrip('.')} ({_first_line(cause)}).".replace(" ().", ".")
+                f"{src.label}: no configuration {src.config or 'default'!r} in the local datasets cache"
+                + (f" (it has {', '.join(ast.literal_eval(cached.group(1)))})" if cached else "")
+                + "; --hf-config (or config in the source table) picks one."
             )
-        return DatasetError(f"{src.label}: cannot be loaded ({text}).")
+        return DatasetError(f"{src.label}: cannot be loaded ({text.rstrip('.')}).")
     what = {
         "saved": "a save_to_disk folder",
         "folder": "a folder of data files",
