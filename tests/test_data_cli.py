@@ -147,3 +147,14 @@ def test_the_scale_benchmark_runs_small(tmp_path):
     assert [r["run"] for r in runs] == ["cold", "warm"]
     assert runs[0]["conversations"] == runs[1]["conversations"] == 2000
     assert runs[1]["tokenize_s"] < runs[0]["tokenize_s"] and runs[0]["rows"] == runs[1]["rows"] > 0
+
+
+def test_preview_reads_a_csv_with_a_column_map(tmp_path, demo_path):
+    proc = forge(
+        "data", "preview", str(DATA / "qa.csv"), "--preset", "demo-cpu-lora", "-n", "3",
+        "--column", "prompt=question", "--column", "response=answer", env=_env(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("--- sample") == 3
+    assert "[[约两万一千公里。" in proc.stdout  # the answer carries loss, the question does not
+    assert "[[长城有多长" not in proc.stdout
