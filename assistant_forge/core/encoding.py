@@ -100,13 +100,21 @@ def encode_chat(tok: Any, messages: list[dict], max_length: int) -> dict | None:
         ) from None
     ids = list(enc["input_ids"])[:max_length]
     offsets = enc["offset_mapping"][:max_length]
-    labels = [
-        t if any(s < end and e > start for start, end in r.spans) else IGNORE
-        for t, (s, e) in zip(ids, offsets)
-    ]
+    labels = [t if carried else IGNORE for t, carried in zip(ids, _overlaps(offsets, r.spans))]
     if all(label == IGNORE for label in labels):
         return None
     return {"input_ids": ids, "labels": labels}
+
+
+def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """For each token's character range, whether it overlaps a span (both in text order): one pass."""
+    out: list[bool] = []
+    k = 0
+    for s, e in offsets:
+        while k < len(spans) and spans[k][1] <= s:
+            k += 1
+        out.append(k < len(spans) and spans[k][0] < e and s < spans[k][1])
+    return out
 
 
 def end_of_turn(tok: Any) -> str | None:
