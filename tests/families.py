@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant_forge.core.fsutil import staged_dir
 from assistant_forge.core.models import fetch_package_file
 from assistant_forge.paths import bundled, cache_dir
 
@@ -458,15 +459,7 @@ def family_model(key: str) -> Path:
     done = target / ".complete"
     if done.is_file() and done.read_text() == BUILD:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
-    try:
+    with staged_dir(target) as staging:
         family.build(staging)
         (staging / ".complete").write_text(BUILD)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.replace(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,23 @@ def atomic_write_lines(path: Path, chunks: Iterable[str]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def staged_dir(target: Path, marker: str | None = None) -> Iterator[Path]:
+    """A folder to fill that becomes `target` only if the block finishes (with `marker` written in it
+    last); an exception leaves no staging folder and any earlier `target` as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        yield staging
+        if marker:
+            (staging / marker).write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

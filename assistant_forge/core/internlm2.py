@@ -24,11 +24,11 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from assistant_forge.core.fsutil import staged_dir
 from assistant_forge.errors import ForgeError
 from assistant_forge.paths import cache_dir
 
@@ -138,8 +138,8 @@ def native_dir(folder: str | Path, name: str | None = None) -> Path:
         print(
             f"forge: converting {folder} to transformers' Llama layout, once, into {target}", file=sys.stderr
         )
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp"))
-        try:
+        # A half folder from an older forge is replaced, never reused.
+        with staged_dir(target, COMPLETE) as staging:
             try:
                 convert_checkpoint(folder, staging)
             except ForgeError as e:
@@ -149,12 +149,6 @@ def native_dir(folder: str | Path, name: str | None = None) -> Path:
                 raise ForgeError(
                     f"Could not convert the InternLM2 checkpoint {folder} ({reason}); nothing was kept in the cache."
                 ) from None
-            (staging / COMPLETE).write_text("ok\n")
-            if target.exists():  # a half folder from an older forge: never reused
-                shutil.rmtree(target)
-            staging.replace(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         _drop_stale(root, target, folder)
     return target
 

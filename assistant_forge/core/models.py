@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 from assistant_forge.core import internlm2
+from assistant_forge.core.fsutil import staged_dir
 from assistant_forge.errors import ForgeError
 from assistant_forge.paths import cache_dir
 
@@ -171,17 +172,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     fresh.load_state_dict(src.state_dict(), assign=True)
     fresh.tie_weights()
     fresh = fresh.to(torch.bfloat16)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
-    try:
+    with staged_dir(target, ".complete") as staging:
         fresh.save_pretrained(staging, safe_serialization=True)
         tok.save_pretrained(staging)
-        (staging / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.replace(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def quiet_transformers() -> None:
