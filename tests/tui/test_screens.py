@@ -119,3 +119,14 @@ def test_theme_toggle_and_help() -> None:
         assert type(app.screen).__name__ == "HomeScreen"
 
     _run(flow)
+
+
+def test_config_form_keeps_a_data_source_table_through_the_one_line_field():
+    from assistant_forge.tui.screens.config import as_text, from_text
+
+    original = [{"path": "hf:owner/name", "max_rows": 500}, "data.jsonl"]
+    text = as_text(original, ",")
+    assert text == "hf:owner/name, data.jsonl"
+    assert from_text(text, ",", original) == original
+    # Editing the line keeps the options of the paths that stay and adds plain paths.
+    assert from_text("hf:owner/name, more.csv", ",", original) == [original[0], "more.csv"]

@@ -63,8 +63,16 @@ def get_value(raw: dict, key: str) -> Any:
 
 def as_text(value: Any, sep: str) -> str:
     if isinstance(value, list):
-        return f" {sep} ".join(str(v) for v in value) if sep == "|" else f"{sep} ".join(str(v) for v in value)
+        # A data source given as a table ({path = ..., max_rows = ...}) shows as its path.
+        parts = [v["path"] if isinstance(v, dict) else str(v) for v in value]
+        return f" {sep} ".join(parts) if sep == "|" else f"{sep} ".join(parts)
     return "" if value is None else str(value)
+
+
+def from_text(text: str, sep: str, original: Any) -> list:
+    """The list a one-line field stands for; a path that was a table entry keeps its table (options)."""
+    tables = {v["path"]: v for v in original or [] if isinstance(v, dict)}
+    return [tables.get(p, p) for p in (p.strip() for p in text.split(sep)) if p]
 
 
 def model_config_for(spec: str) -> dict | None:
@@ -248,7 +256,7 @@ class ConfigScreen(StepScreen):
                 continue
             text = self.query_one(f"#{f.wid}", Input).value.strip()
             if f.sep:
-                raw[section][name] = [p.strip() for p in text.split(f.sep) if p.strip()]
+                raw[section][name] = from_text(text, f.sep, raw[section].get(name))
             else:
                 raw[section][name] = text  # pydantic converts numbers and reports bad ones
         return raw
