@@ -91,19 +91,27 @@ def _special_texts(tok: Any) -> list[str]:
 
 def encode_chat(tok: Any, messages: list[dict], max_length: int) -> dict | None:
     """input_ids and labels (-100 outside assistant turns), cut to max_length; None if no label is left."""
-    r = render_with_spans(tok, messages)
+    return encode_chats(tok, [messages], max_length)[0]
+
+
+def encode_chats(tok: Any, conversations: list[list[dict]], max_length: int) -> list[dict | None]:
+    """encode_chat for many conversations, tokenized in one call (the Rust tokenizer spreads a batch
+    over its threads)."""
+    rendered = [render_with_spans(tok, m) for m in conversations]
     try:
-        enc = tok(r.text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tok([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
         raise ForgeError(
             "This tokenizer cannot map tokens to characters (a slow tokenizer); forge needs a fast one."
         ) from None
-    ids = list(enc["input_ids"])[:max_length]
-    offsets = enc["offset_mapping"][:max_length]
-    labels = [t if carried else IGNORE for t, carried in zip(ids, _overlaps(offsets, r.spans))]
-    if all(label == IGNORE for label in labels):
-        return None
-    return {"input_ids": ids, "labels": labels}
+    out: list[dict | None] = []
+    for r, all_ids, all_offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        ids = list(all_ids)[:max_length]
+        labels = [
+            t if carried else IGNORE for t, carried in zip(ids, _overlaps(all_offsets[:max_length], r.spans))
+        ]
+        out.append({"input_ids": ids, "labels": labels} if any(x != IGNORE for x in labels) else None)
+    return out
 
 
 def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

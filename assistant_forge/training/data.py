@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from assistant_forge.core.encoding import IGNORE, encode_chat, stop_token_ids, with_system
+from assistant_forge.core.encoding import IGNORE, encode_chat, encode_chats, stop_token_ids, with_system
 
 
 def encode_records(
@@ -70,8 +70,8 @@ def row_starts(lengths: Sequence[int], max_length: int, packing: bool) -> list[i
 
 def _encode_batch(batch: dict, tok: Any, max_length: int, system_prompt: str | None) -> dict:
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    for messages in batch["messages"]:
-        enc = encode_chat(tok, with_system(messages, system_prompt), max_length)
+    convs = [with_system(messages, system_prompt) for messages in batch["messages"]]
+    for enc in encode_chats(tok, convs, max_length):
         # A sample with no assistant token left within max_length stays as an empty row: check counts it.
         ids, labels = (enc["input_ids"], enc["labels"]) if enc else ([], [])
         out["input_ids"].append(ids)
