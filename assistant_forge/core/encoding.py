@@ -46,8 +46,11 @@ class Rendered:
     spans: list[tuple[int, int]]  # character spans that carry loss: each answer and its end-of-turn text
 
 
-def render_with_spans(tok: Any, messages: list[dict]) -> Rendered:
-    """The template's rendering of a conversation and where in it the assistant's answers lie."""
+def render_with_spans(tok: Any, messages: list[dict], specials: list[str] | None = None) -> Rendered:
+    """The template's rendering of a conversation and where in it the assistant's answers lie.
+
+    `specials`: the tokenizer's `_special_texts`, when the caller renders many conversations (Llama 3
+    has 256; listing and sorting them was a sixth of encoding one conversation)."""
     text = render(tok, messages)
     marked = [
         {**m, "content": _MARK.format(i)} if m["role"] == "assistant" else m for i, m in enumerate(messages)
@@ -55,7 +58,7 @@ def render_with_spans(tok: Any, messages: list[dict]) -> Rendered:
     pieces = _MARKS.split(render(tok, marked))  # [text, index, text, index, ..., text]
     if len(pieces) // 2 != sum(m["role"] == "assistant" for m in messages):
         raise _unmappable()
-    specials = _special_texts(tok)
+    specials = _special_texts(tok) if specials is None else specials
     pos = 0
     spans: list[tuple[int, int]] = []
     for k in range(0, len(pieces) - 1, 2):
@@ -97,7 +100,8 @@ def encode_chat(tok: Any, messages: list[dict], max_length: int) -> dict | None:
 def encode_chats(tok: Any, conversations: list[list[dict]], max_length: int) -> list[dict | None]:
     """encode_chat for many conversations, tokenized in one call (the Rust tokenizer spreads a batch
     over its threads)."""
-    rendered = [render_with_spans(tok, m) for m in conversations]
+    specials = _special_texts(tok)
+    rendered = [render_with_spans(tok, m, specials) for m in conversations]
     try:
         enc = tok([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from assistant_forge.core.encoding import IGNORE, encode_chat, encode_chats, stop_token_ids, with_system
+from assistant_forge.core.encoding import IGNORE, encode_chats, stop_token_ids, with_system
 
 
 def encode_records(
@@ -22,8 +22,8 @@ def encode_records(
 ) -> list[dict]:
     samples = []
     stops = set(stop_token_ids(tok))
-    for rec in records:
-        enc = encode_chat(tok, with_system(rec["messages"], system_prompt), max_length)
+    convs = [with_system(rec["messages"], system_prompt) for rec in records]
+    for rec, enc in zip(records, encode_chats(tok, convs, max_length)):
         if enc is not None and rec.get("open_end"):
             enc = _without_final_stop(enc, stops)
         if enc is not None:
