@@ -1,4 +1,4 @@
-"""Training samples: tokenize, pack into rows of at most max_length, and a padding-free collator.
+"""Training samples: tokenize, pack into rows of at most max_length (best fit), and the collator.
 
 Packing concatenates whole samples; position ids restart at every sample, which transformers turns
 into a block-diagonal causal mask, so no sample ever attends to another.
@@ -43,26 +43,96 @@ def _without_final_stop(enc: dict, stops: set[int]) -> dict | None:
 
 def pack(samples: list[dict], max_length: int, packing: bool, seed: int) -> list[dict]:
     """Rows of one or more whole samples, each row at most max_length tokens, order shuffled by seed."""
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
+    order, starts = row_order([len(s["input_ids"]) for s in samples], max_length, packing, seed)
     ordered = [samples[i] for i in order]
-    starts = row_starts([len(s["input_ids"]) for s in ordered], max_length, packing)
     return [_join(ordered[a:b]) for a, b in zip(starts, starts[1:])]
 
 
-def row_starts(lengths: Sequence[int], max_length: int, packing: bool) -> list[int]:
-    """Where each row begins in a sequence of sample lengths (and, last, the end): consecutive samples
-    share a row while they fit in max_length; without packing every sample is a row of its own."""
+def row_order(
+    lengths: Sequence[int], max_length: int, packing: bool, seed: int
+) -> tuple[list[int], list[int]]:
+    """Which samples make each row: `order` lists sample indices row after row, `starts` where each row
+    begins in it (and, last, the end). Rows come in an order shuffled by seed.
+
+    Without packing every sample is a row. With packing, best fit decreasing: the longest sample first,
+    each into the open row with the least room that still fits it. Filling rows in data order left a
+    fifth of each 2048-token row empty on identity data mixed with chat data (79% full; best fit 99%),
+    and the fast path pads every row to max_length so its compiled, graphed layers see one shape.
+    """
+    rng = random.Random(seed)
+    shuffled = list(range(len(lengths)))
+    rng.shuffle(shuffled)
+    if not packing:
+        return shuffled, list(range(len(shuffled) + 1)) if shuffled else [0]
+    # Python's sort is stable: equal lengths keep the seeded order.
+    by_length = sorted(shuffled, key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room = _RoomIndex(max_length)
+    for i in by_length:
+        n = min(int(lengths[i]), max_length)
+        row = room.take(n)
+        if row is None:
+            row = len(rows)
+            rows.append([])
+            free = max_length - n
+        else:
+            free = room.freed - n
+        rows[row].append(i)
+        room.put(row, free)
+    rng.shuffle(rows)
+    order = [i for r in rows for i in r]
     starts = [0]
-    cur = 0
-    for i, n in enumerate(lengths):
-        if i > starts[-1] and (not packing or cur + n > max_length):
-            starts.append(i)
-            cur = 0
-        cur += n
-    if lengths:
-        starts.append(len(lengths))
-    return starts
+    for r in rows:
+        starts.append(starts[-1] + len(r))
+    return order, starts
+
+
+class _RoomIndex:
+    """Open rows by the room left in them: the row with the least room >= n in O(log max_length),
+    through a Fenwick tree of counts per room size."""
+
+    def __init__(self, max_length: int) -> None:
+        self.size = max_length + 1
+        self.tree = [0] * (self.size + 1)
+        self.rows: list[list[int]] = [[] for _ in range(self.size)]
+        self.freed = 0  # the room the last taken row had
+        self.top = 1 << self.size.bit_length()
+
+    def _add(self, room: int, delta: int) -> None:
+        k = room + 1
+        while k <= self.size:
+            self.tree[k] += delta
+            k += k & -k
+
+    def put(self, row: int, room: int) -> None:
+        if room > 0:
+            self.rows[room].append(row)
+            self._add(room, 1)
+
+    def take(self, n: int) -> int | None:
+        """Remove and return the row with the least room >= n, or None."""
+        before = self._prefix(n - 1)  # rows with room < n
+        # The (before+1)-th row in order of room, found by descending the tree.
+        k, pos, want = 0, self.top, before + 1
+        while pos:
+            nxt = k + pos
+            if nxt <= self.size and self.tree[nxt] < want:
+                k = nxt
+                want -= self.tree[nxt]
+            pos >>= 1
+        if k >= self.size:
+            return None
+        room = k  # tree index k + 1 holds room k
+        self.freed = room
+        self._add(room, -1)
+        return self.rows[room].pop()
+
+    def _prefix(self, room: int) -> int:
+        total, k = 0, room + 1
+        while k > 0:
+            total += self.tree[k]
+            k -= k & -k
+        return total
 
 
 # --- the same through `datasets`: cached by content, tokenized by several processes, memory flat ---------
@@ -143,7 +213,7 @@ PACK_CHUNK = 2000  # packed rows gathered and written at a time: memory stays fl
 
 
 def pack_dataset(samples: Any, max_length: int, packing: bool, seed: int) -> Any:
-    """pack() over a Dataset of samples, with the same rows: shuffled by seed, joined while they fit.
+    """pack() over a Dataset of samples, with the same rows (row_order: best fit, shuffled by seed).
 
     Done with Arrow and numpy (a packed row's tokens are its samples' tokens back to back, so rows are
     new offsets over the gathered samples), written chunk by chunk to a cache file beside the samples'
@@ -153,19 +223,22 @@ def pack_dataset(samples: Any, max_length: int, packing: bool, seed: int) -> Any
     import numpy as np
 
     lengths = np.asarray(samples["length"], dtype=np.int64)
-    order = [i for i in range(len(lengths)) if lengths[i]]
-    random.Random(seed).shuffle(order)
-    order_np = np.asarray(order, dtype=np.int64)
-    starts = row_starts(lengths[order_np].tolist(), max_length, packing)
-    key = hashlib.sha256(
-        f"{samples._fingerprint}|{max_length}|{packing}|{seed}|{inspect.getsource(_write_packed)}".encode()
-    ).hexdigest()[:32]
+
+    def rows() -> tuple[Any, list[int]]:
+        kept = np.flatnonzero(lengths)  # empty samples (no answer left within max_length) make no row
+        order, starts = row_order(lengths[kept].tolist(), max_length, packing, seed)
+        return kept[np.asarray(order, dtype=np.int64)], starts
+
+    code = inspect.getsource(_write_packed) + inspect.getsource(row_order) + inspect.getsource(_RoomIndex)
+    key = hashlib.sha256(f"{samples._fingerprint}|{max_length}|{packing}|{seed}|{code}".encode()).hexdigest()[
+        :32
+    ]
     folders = {Path(f["filename"]).parent for f in samples.cache_files}
     if not folders:  # samples held in memory (a tiny run): no cache to keep
-        return datasets.Dataset(_packed_table(samples, order_np, starts, lengths))
+        return datasets.Dataset(_packed_table(samples, *rows(), lengths))
     path = sorted(folders)[0] / f"forge-packed-{key}.arrow"
     if not path.exists():
-        _write_packed(samples, order_np, starts, lengths, path)
+        _write_packed(samples, *rows(), lengths, path)
     return datasets.Dataset.from_file(str(path))
 
 
@@ -261,7 +334,17 @@ def _join(parts: list[dict]) -> dict:
 
 
 class FlatCollator:
-    """Concatenate a micro-batch of rows into one row (no padding); position ids keep samples apart."""
+    """Concatenate a micro-batch of rows into one row; position ids keep samples apart.
+
+    `pad_to`: pad the row to this many tokens (a last "sample" of pad tokens that carries no loss), so
+    every micro-batch has one shape: compiled layers never recompile and their CUDA graphs replay on
+    every step. `tokens` counts the real tokens collated so far (the Trainer's own count would include
+    the padding, and costs a device sync per micro-batch).
+    """
+
+    def __init__(self, pad_to: int = 0, pad_id: int = 0) -> None:
+        self.pad_to, self.pad_id = pad_to, pad_id
+        self.tokens = 0
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -269,6 +352,12 @@ class FlatCollator:
         ids = [t for r in rows for t in r["input_ids"]]
         labels = [t for r in rows for t in r["labels"]]
         pos = [t for r in rows for t in r["position_ids"]]
+        self.tokens += len(ids)
+        pad = self.pad_to - len(ids)
+        if pad > 0:
+            ids += [self.pad_id] * pad
+            labels += [IGNORE] * pad
+            pos += range(pad)
         return {
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
