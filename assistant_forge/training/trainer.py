@@ -166,6 +166,7 @@ class ForgeTrainer(Trainer):
         # Every process writes into rank 0's staging folder (each its own RNG state).
         staging = Path(distributed.broadcast(str(staging) if staging else ""))
         self._staging = str(staging)
+        t0 = time.time()
         try:
             super()._save_checkpoint(model, trial)
             distributed.barrier()
@@ -179,6 +180,7 @@ class ForgeTrainer(Trainer):
                     shutil.rmtree(final)
                 os.replace(written, final)
                 _fsync(root)
+                print(f"{final.name} saved in {time.time() - t0:.1f} s", flush=True)
         except Exception as e:
             disk_full = _as_disk_full(e, root)
             if disk_full is e:
@@ -244,12 +246,13 @@ def _mem_gib(model: Any = None) -> float | None:
 class RunCallback(TrainerCallback):
     """Writes events.jsonl, samples.jsonl and status.json; marks complete checkpoints; honours stop."""
 
-    def __init__(self, run: Path, cfg: ForgeConfig, tok: Any, rows: int):
+    def __init__(self, run: Path, cfg: ForgeConfig, tok: Any, collator: FlatCollator):
         self.run, self.cfg, self.tok = run, cfg, tok
+        self.collator = collator
+        self.tokens0 = 0  # tokens seen before this process started (a resumed run)
         self.t0 = time.time()
         self.start_step = 0
         self.last = (time.time(), 0)
-        self.rows = rows
         self.main = distributed.is_main()
         # Under ZeRO-3 each process holds a slice of every weight, so generating needs them all
         # (transformers syncs their steps); rank 0 alone would wait forever for the others' slices.
@@ -262,9 +265,11 @@ class RunCallback(TrainerCallback):
         if not prompts or not self.samples_here:
             return
         convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
+        t0 = time.time()
         answers = generate_answers(model, self.tok, convs, self.cfg.eval.max_new_tokens)
         if not self.main:
             return
+        print(f"samples at step {step}: {len(prompts)} answers in {time.time() - t0:.1f} s", flush=True)
         for p, a in zip(prompts, answers):
             append_jsonl(
                 self.run / "samples.jsonl",
@@ -275,8 +280,10 @@ class RunCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         if self.main:
             self.start_step = state.global_step
+            seen = [e for e in read_jsonl(self.run / "events.jsonl") if e["step"] <= state.global_step]
+            self.tokens0 = seen[-1].get("tokens_seen", 0) if seen else 0
             self.t0 = time.time()
-            self.last = (self.t0, state.num_input_tokens_seen or 0)
+            self.last = (self.t0, self.tokens0)
             write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps)
         if state.global_step == 0:
             self._samples(model, 0, "before")
@@ -286,7 +293,8 @@ class RunCallback(TrainerCallback):
         if "loss" not in logs or not self.main:
             return
         now = time.time()
-        tokens = state.num_input_tokens_seen or 0
+        # Counted by the collator (real tokens, no padding); it runs a micro-batch ahead of the step.
+        tokens = self.tokens0 + self.collator.tokens
         dt = max(now - self.last[0], 1e-9)
         tps = (tokens - self.last[1]) / dt
         self.last = (now, tokens)
@@ -354,11 +362,8 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with ctx:
-        # On a CPU each decoding step reads every weight once whatever the batch, so one big batch is
-        # much faster (demo model, 71 prompts: 25 s instead of 36 s at 16, the same greedy answers).
-        batch = 64 if pick_device(cfg) == "cpu" else 16
         answers = generate_answers(
-            model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
+            model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=replay_batch(model, cfg)
         )
     # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
     # teach the model to stop mid-thought, which measurably shortened (and so changed) unrelated answers.
@@ -373,6 +378,24 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     ]
     atomic_write_jsonl(path, recs)
     return recs
+
+
+def replay_batch(model: Any, cfg: ForgeConfig, prompt_tokens: int = 128) -> int:
+    """How many replay prompts to answer at once. Each decoding step reads every weight once whatever
+    the batch, so bigger is faster: on a CPU one batch of 64 (demo model, 71 prompts: 25 s instead of
+    36 s at 16, the same greedy answers); on a GPU as many as the KV cache fits into half the memory
+    the budget leaves free (7B at a 7 GiB budget: ~9; a whole H200: 64)."""
+    import torch
+
+    if pick_device(cfg) == "cpu" or not torch.cuda.is_available():
+        return 64
+    c = model.config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    per_seq = 2 * c.num_hidden_layers * kv_heads * head_dim * 2 * (prompt_tokens + cfg.eval.max_new_tokens)
+    free = speed.memory_budget_bytes(cfg) - torch.cuda.memory_allocated()
+    return max(1, min(64, int(free * 0.5 // per_seq)))
 
 
 def _conversations(cfg: ForgeConfig) -> Any:
@@ -441,7 +464,9 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        include_num_input_tokens_seen=True,
+        # RunCallback counts tokens through the collator: the Trainer's count syncs with the GPU on every
+        # micro-batch and would count padding.
+        include_num_input_tokens_seen="no",
         # Data parallel: every trainable (LoRA) weight gets a gradient each step; no search needed.
         ddp_find_unused_parameters=False,
         **overrides,
@@ -517,12 +542,17 @@ def train_run(run: Path, resume: bool = False) -> str:
         # when the Trainer starts. The price: each process must fit the (4-bit) model once.
         zero.prepare(device)
         overrides["deepspeed"] = zero.deepspeed_config(stage)
+    # Compiled layers see one shape when every micro-batch is padded to the most a step can hold: no
+    # recompiles, and CUDA-graphed layers replay on every micro-batch (best-fit rows are ~99% full).
+    pad_to = cfg.data.max_length * cfg.train.micro_batch_size if speed.report(model).compiled_layers else 0
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    collator = FlatCollator(pad_to, pad_id or 0)
     trainer = ForgeTrainer(
         model=model,
         args=training_args(run, cfg, device, **overrides),
         train_dataset=rows,
-        data_collator=FlatCollator(),
-        callbacks=[RunCallback(run, cfg, tok, len(rows))],
+        data_collator=collator,
+        callbacks=[RunCallback(run, cfg, tok, collator)],
         optimizers=optimizers,
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per step instead

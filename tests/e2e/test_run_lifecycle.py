@@ -47,8 +47,13 @@ def test_detached_run_refuses_a_second_trainer_stops_and_resumes(tmp_path, demo_
         120,
         "resumed progress",
     )
-    first_resumed = [e for e in read_jsonl(run / "events.jsonl") if e["step"] > last_step]
+    events = read_jsonl(run / "events.jsonl")
+    first_resumed = [e for e in events if e["step"] > last_step]
     assert first_resumed and first_resumed[0]["step"] == last_step + 1
+    # Tokens seen go on from where the stopped run left them (the collator counts, not the Trainer).
+    before = [e for e in events if e["step"] <= last_step][-1]
+    assert first_resumed[0]["tokens_seen"] > before["tokens_seen"] > 0
+    assert all(e["tokens_per_s"] > 0 for e in events)
     forge("runs", "stop", str(run))
     assert read_status(run)["state"] == "stopped"
 
