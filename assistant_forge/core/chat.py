@@ -184,7 +184,7 @@ def load_chat_model(
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
 
-        from assistant_forge.training.modeling import check_4bit_available
+        from assistant_forge.core.hardware import check_4bit_available
 
         check_4bit_available("cuda" if use_cuda else "cpu")
         kwargs["quantization_config"] = (

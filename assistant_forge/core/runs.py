@@ -224,7 +224,7 @@ def preflight(cfg: ForgeConfig) -> None:
     build_mix(cfg.data.files, cfg.data.general_files, cfg.data.columns, cfg.train.seed)
     check_model_code(resolve_model(cfg.model.path), cfg.model.path, cfg.model.trust_remote_code)
     if cfg.lora.method == "qlora":
-        from assistant_forge.training.modeling import check_4bit_available
+        from assistant_forge.core.hardware import check_4bit_available
 
         check_4bit_available("")
     n = cfg.train.processes
