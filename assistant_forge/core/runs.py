@@ -29,11 +29,12 @@ from typing import Any
 
 from assistant_forge.core.config import ForgeConfig, load_config, save_config
 from assistant_forge.core.fsutil import atomic_write_json
+from assistant_forge.core.run_state import LIVE_STATES
+from assistant_forge.core.tail import FileTail
 from assistant_forge.errors import ForgeError, did_you_mean
 from assistant_forge.paths import runs_dir
 
 COMPLETE_MARKER = "forge_complete.json"
-LIVE_STATES = ("starting", "running", "stopping")
 LOCK_NAME = ".lock"
 
 
@@ -364,22 +365,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def follow_file(path: Path, run: Path, poll_s: float = 0.5, from_start: bool = True) -> Iterator[str]:
+def follow_file(path: Path, run: Path, poll_s: float = 0.5) -> Iterator[str]:
     """Yield lines of a growing file until the run's trainer is gone and the file is drained."""
-    pos = 0 if from_start else (path.stat().st_size if path.exists() else 0)
-    buf = ""
+    tail = FileTail(path)
     while True:
-        alive = _live(run, read_json(run / "status.json"))
-        if path.exists():
-            with open(path, encoding="utf-8", errors="replace") as f:
-                f.seek(pos)
-                chunk = f.read()
-                pos = f.tell()
-            buf += chunk
-            *lines, buf = buf.split("\n")
-            yield from lines
+        alive = _live(run, read_json(run / "status.json"))  # before reading: a dead trainer's file is whole
+        lines = tail.read_all_lines()
+        if not alive and (rest := tail.partial_line()):
+            lines.append(rest)  # the trainer is gone: its unfinished last line is final
+        for line in lines:
+            yield from line.split("\r")  # tqdm redraws a line with \r: each redraw is printed as a line
         if not alive:
-            if buf:
-                yield buf
             return
         time.sleep(poll_s)
