@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge import __version__
-from assistant_forge.errors import ForgeError
+from assistant_forge.errors import ForgeError, one_line
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -688,8 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FORGE_DEBUG"):
             raise
         print(
-            f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'} "
-            "(FORGE_DEBUG=1 shows the traceback)",
+            f"error: {one_line(e)} (FORGE_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
         return 1
