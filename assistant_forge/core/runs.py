@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -30,7 +29,7 @@ from typing import Any
 from assistant_forge.core.config import ForgeConfig, load_config, save_config
 from assistant_forge.core.fsutil import atomic_write_json
 from assistant_forge.core.run_state import LIVE_STATES
-from assistant_forge.core.tail import FileTail
+from assistant_forge.core.tail import FileTail, json_objects
 from assistant_forge.errors import ForgeError, did_you_mean
 from assistant_forge.paths import runs_dir
 
@@ -353,16 +352,8 @@ def checkpoint_for(run: Path, step: int | None = None) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):  # a line still being written is skipped
-                    with contextlib.suppress(json.JSONDecodeError):
-                        rows.append(json.loads(line))
-    except FileNotFoundError:
-        pass
-    return rows
+    """The rows of a run's JSONL file (events, samples); a line still being written is not one yet."""
+    return json_objects(FileTail(path).read_all_lines())
 
 
 def follow_file(path: Path, run: Path, poll_s: float = 0.5) -> Iterator[str]:

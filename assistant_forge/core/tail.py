@@ -1,11 +1,14 @@
 """Reading a growing file by byte offset: each read returns only the complete lines appended since.
 
 Polling, not inotify (not everywhere, and NFS homes are common on GPU boxes). Used by `forge runs
-logs -f` (core.runs.follow_file) and by the TUI's run watcher (tui.watch).
+logs -f` (core.runs.follow_file), core.runs.read_jsonl and the TUI's run watcher (tui.watch).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 MAX_READ = 1 << 20  # bytes per read: a huge backlog is caught up over several reads
@@ -52,3 +55,19 @@ class FileTail:
         """The last line, not yet ended by a newline (and now taken)."""
         rest, self.buf = self.buf, b""
         return rest.decode("utf-8", errors="replace")
+
+
+def json_objects(lines: Iterable[str]) -> list[dict]:
+    """The JSON objects among lines forge appended to a run's file; any other line is skipped.
+
+    Plain json, not jsonlines: these files are written by forge itself and read while being written,
+    so a line that does not parse (a crash mid-write) is skipped rather than reported. User data goes
+    through jsonlines in core.sources, whose errors name file:line.
+    """
+    out = []
+    for ln in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            obj = json.loads(ln)
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out

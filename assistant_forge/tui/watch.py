@@ -7,24 +7,12 @@ thread, never in the event loop.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant_forge.core.tail import FileTail
+from assistant_forge.core.tail import FileTail, json_objects
 
 LOG_BACKLOG = 64 << 10  # a reattached watcher shows only the log's last 64 KiB
-
-
-def _json_lines(lines: list[str]) -> list[dict]:
-    out = []
-    for ln in lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            obj = json.loads(ln)
-            if isinstance(obj, dict):
-                out.append(obj)
-    return out
 
 
 @dataclass
@@ -59,8 +47,8 @@ class RunWatcher:
         upd = RunUpdate(
             self.run,
             status,
-            events=_json_lines(self.events.read_lines()),
-            samples=_json_lines(self.samples.read_lines()),
+            events=json_objects(self.events.read_lines()),
+            samples=json_objects(self.samples.read_lines()),
             log=self.log.read_lines(),
         )
         if not upd.has_news and status == self._last_status:

@@ -55,3 +55,12 @@ def test_follow_file_prints_until_the_trainer_is_gone_then_its_unfinished_last_l
     lines = list(follow_file(log, run, poll_s=0.05))
     writer.join()
     assert lines == ["loading", "step 1", " 50%|##", "100%|####", "done, no newline"]
+
+
+def test_read_jsonl_skips_a_torn_line_and_one_still_being_written(tmp_path: Path) -> None:
+    from assistant_forge.core.runs import read_jsonl
+
+    path = tmp_path / "events.jsonl"
+    assert read_jsonl(path) == []
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n[1, 2]\n{"step": 3}\n{"step": 4')
+    assert read_jsonl(path) == [{"step": 1}, {"step": 3}]
