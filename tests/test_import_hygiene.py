@@ -104,6 +104,7 @@ import assistant_forge.core.config, assistant_forge.core.dataset, assistant_forg
 import assistant_forge.core.formats, assistant_forge.core.sources, assistant_forge.core.mixing
 import assistant_forge.core.presets, assistant_forge.core.identity, assistant_forge.core.evaluate
 import assistant_forge.core.chat, assistant_forge.core.merge, assistant_forge.core.pipeline, assistant_forge.core.models
+import assistant_forge.core.hardware, assistant_forge.core.run_state, assistant_forge.core.tail
 import assistant_forge.cli
 # datasets (0.7 s, pyarrow) too: the data modules import it inside functions.
 bad = [m for m in ("torch", "textual", "transformers", "datasets") if m in sys.modules]
