@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge import __version__
-from assistant_forge.errors import ForgeError
+from assistant_forge.errors import ForgeError, one_line
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -285,14 +285,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0 if status.get("state") in ("finished", "stopped") else 1
 
 
-def _fmt_eta(s: Any) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def cmd_runs_list(a: argparse.Namespace) -> int:
+    from assistant_forge.core.run_state import fmt_eta
     from assistant_forge.core.runs import list_runs
 
     runs = list_runs()
@@ -309,7 +303,7 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
                 r.state,
                 prog,
                 s.get("loss", "-"),
-                _fmt_eta(s.get("eta_s")) if r.state == "running" else "-",
+                fmt_eta(s.get("eta_s")) if r.state == "running" else "-",
                 s.get("started", "-"),
             ]
         )
@@ -694,8 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FORGE_DEBUG"):
             raise
         print(
-            f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'} "
-            "(FORGE_DEBUG=1 shows the traceback)",
+            f"error: {one_line(e)} (FORGE_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
         return 1

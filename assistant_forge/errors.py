@@ -17,3 +17,14 @@ def closest(word: str, choices: list[str], n: int = 3) -> list[str]:
 def did_you_mean(word: str, choices: list[str]) -> str:
     hits = closest(word, choices)
     return f" Did you mean {', '.join(repr(h) for h in hits)}?" if hits else ""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:limit]
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An unexpected exception as one line for users: its type and the first line of its message."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}"[:limit] if lines else type(e).__name__

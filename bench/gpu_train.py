@@ -255,6 +255,7 @@ def train_steps(
     torch.cuda.reset_peak_memory_stats()
     # Peaks by phase: step 0 (the plain path: graphs are captured at step 1), step 1, the timed steps.
     phase_peaks: list[int] = []
+    warmup: list[float] = []  # step 0 compiles the layers, step 1 captures the graphs
     for step in range(steps + 2):
         ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=g)
         torch.cuda.synchronize()
@@ -263,8 +264,7 @@ def train_steps(
         torch.cuda.synchronize()
         if step == 1:
             gc_pause[0] = 0.0  # count only the timed steps
-        if step >= 2:
-            times.append(time.time() - t0)
+        (times if step >= 2 else warmup).append(time.time() - t0)
         if step < 2:
             phase_peaks.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
@@ -283,6 +283,7 @@ def train_steps(
         "step_s_spread": round(max(times) - min(times), 4),
         "gc_s_per_step": round(gc_pause[0] / len(times), 4),
         "step_times": [round(t, 3) for t in times],
+        "warmup_step_s": [round(t, 1) for t in warmup],
         "tokens_per_s": round(seq / statistics.median(times), 1),
         "peak_alloc_gib": round(peak / GIB, 3),
         "peak_phases_gib": [round(p / GIB, 3) for p in phase_peaks],

@@ -1,6 +1,7 @@
 """How fast `forge` shows its first screen, and what it imports on the way.
 
     python bench/tui_startup.py [--runs 5]
+    python bench/tui_startup.py --imports-only   # the import check alone (tests/tui/test_startup.py)
 
 Measures, each as the median of several runs:
   - import cost of assistant_forge.tui.app (fresh interpreter, minus a bare interpreter)
@@ -88,10 +89,24 @@ def first_screen_s(
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
 
 
+def first_screen_imports(env: dict[str, str]) -> str:
+    """Which of torch/transformers/peft the first screen imported once the runs are listed ("none")."""
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_SCREEN_IMPORTS], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else f"FAILED: {out.stderr[-2000:]}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--imports-only", action="store_true", help="only check what the first screen imports")
     args = ap.parse_args()
+    if args.imports_only:
+        with tempfile.TemporaryDirectory() as d:
+            mods = first_screen_imports(_env(Path(d)))
+        print(mods)
+        return 0 if mods == "none" else 1
     if shutil.which("tmux") is None:
         print("tmux is needed", file=sys.stderr)
         return 2
@@ -139,13 +154,7 @@ def main() -> int:
             [first_screen_s(f"{py} -m assistant_forge", env, marker="No runs yet") for _ in range(args.runs)]
         )
         rows.append(("runs listed (core loaded in a worker)", f"{runs_listed:.3f} s", "after first screen"))
-        mods = (
-            subprocess.run(
-                [py, "-c", FIRST_SCREEN_IMPORTS], env=env, capture_output=True, text=True, cwd=ROOT
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
+        mods = first_screen_imports(env)
         ok &= mods == "none"
         rows.append(("first screen imports torch/transformers/peft", mods, "must be none"))
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,20 @@ prompts = []
     return tmp / name
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.5) -> None:
+def until_timeout(timeout: float, what: str) -> Iterator[None]:
+    """Yields until `timeout` seconds have passed, then fails the test naming what it waited for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pred():
-            return
+        yield
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.5) -> Any:
+    """Poll pred() until it returns something true, and return that. (In an app: tui/helpers.wait_in_app.)"""
+    for _ in until_timeout(timeout, what):
+        if value := pred():
+            return value
         time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def final_losses(events: list[dict]) -> dict[int, float]:

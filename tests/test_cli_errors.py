@@ -142,3 +142,15 @@ def test_zero_needs_several_processes_and_a_new_run(tmp_path):
     )
     assert not list(tmp_path.glob("*/status.json"))  # nothing was started
     one_line_error(forge("train", "--resume", str(tmp_path), "--zero", "3"), r"--zero applies to new runs")
+
+
+def test_an_exception_becomes_one_line_with_or_without_a_message():
+    from assistant_forge.errors import first_line, one_line
+
+    boom = RuntimeError(
+        "CUDA error: out of memory\nCompile with TORCH_USE_CUDA_DSA to enable device-side assertions."
+    )
+    assert one_line(boom) == "RuntimeError: CUDA error: out of memory"
+    assert first_line(boom) == "CUDA error: out of memory"
+    assert one_line(KeyError()) == "KeyError" and first_line(OSError()) == "OSError"
+    assert len(one_line(ValueError("x" * 1000))) == 300

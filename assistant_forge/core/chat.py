@@ -18,7 +18,7 @@ from assistant_forge.core.models import (
     resolve_model,
 )
 from assistant_forge.core.templates import MODEL, canonical, render
-from assistant_forge.errors import ForgeError
+from assistant_forge.errors import ForgeError, first_line
 
 ADAPTER_META = "forge_adapter.json"  # written by `forge convert`: base model and template
 
@@ -184,7 +184,7 @@ def load_chat_model(
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
 
-        from assistant_forge.training.modeling import check_4bit_available
+        from assistant_forge.core.hardware import check_4bit_available
 
         check_4bit_available("cuda" if use_cuda else "cpu")
         kwargs["quantization_config"] = (
@@ -201,7 +201,7 @@ def load_chat_model(
     try:
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ForgeError(f"Could not load model {model}: {str(e).splitlines()[0]}") from None
+        raise ForgeError(f"Could not load model {model}: {first_line(e)}") from None
     label = Path(internlm2.source_folder(path) or path).name  # the user's folder, not its cached copy
     if adapter:
         from peft import PeftModel

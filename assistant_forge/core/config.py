@@ -141,7 +141,7 @@ class TrainSection(_Section):
     )
     compile_layers: bool = Field(
         True,
-        description="fast path: torch.compile the decoder layers (one compile for all; ~1 min before step 1)",
+        description="fast path: torch.compile the decoder layers (one compile for all, which the first step waits for)",
     )
     cuda_graphs: bool = Field(
         True,

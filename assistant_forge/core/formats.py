@@ -40,10 +40,6 @@ class DatasetError(ForgeError):
     """A dataset problem, located as file:line."""
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
-
-
 def _short(value: Any) -> str:
     """A value quoted for an error message, cut short so the message stays one readable line."""
     r = repr(value)

@@ -89,12 +89,11 @@ def _data_dir() -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
+    """A bundled JSONL file; a broken line fails loudly with its line number (jsonlines)."""
+    import jsonlines
+
+    with jsonlines.open(path) as reader:
+        return list(reader.iter(type=dict, skip_empty=True))
 
 
 @cache

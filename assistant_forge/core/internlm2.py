@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge.core.fsutil import staged_dir
-from assistant_forge.errors import ForgeError
+from assistant_forge.errors import ForgeError, first_line
 from assistant_forge.paths import cache_dir
 
 # Bump when the converted output changes: older cache folders are then not reused.
@@ -145,7 +145,7 @@ def native_dir(folder: str | Path, name: str | None = None) -> Path:
             except ForgeError as e:
                 raise ForgeError(f"{str(e).rstrip('.')}; nothing was kept in the cache.") from None
             except Exception as e:  # a corrupt or truncated file, a full disk: one sentence, no folder left
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                reason = first_line(e)
                 raise ForgeError(
                     f"Could not convert the InternLM2 checkpoint {folder} ({reason}); nothing was kept in the cache."
                 ) from None
@@ -188,7 +188,7 @@ def hub_native(repo_id: str) -> Path | None:
         # The *.py files are only copied by `forge merge --hub-layout`, never imported.
         snap = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", TOKENIZER_MODEL, "*.py"])
     except Exception as e:  # offline, unknown or gated repo: what from_pretrained would fail on next
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise ForgeError(f"Could not fetch model {repo_id} from the Hugging Face hub ({reason}).") from None
     return native_dir(snap, name=repo_id.replace("/", "--"))
 

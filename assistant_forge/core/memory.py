@@ -1,6 +1,6 @@
 """GPU memory estimate for one training step, and the checkpointing plan that fits a budget.
 
-Pure arithmetic (no torch import): the TUI and `forge train --dry-run` can call it cheaply, and
+Pure arithmetic (no torch import): the app's Config screen shows `planned_memory` as you edit, and
 `assistant_forge.training.speed` uses it to decide how many decoder layers to checkpoint.
 
 The numbers model forge's own fast path (bf16 residual stream, fused LoRA, chunked fused
@@ -470,3 +470,27 @@ def fit_checkpointing(
     if (plan := fewest(False)) is not None:
         return plan
     return est(layers, True, False, absmax=False)
+
+
+def planned_memory(
+    cfg: ForgeConfig,
+    model_config: dict[str, Any] | Any,
+    budget_bytes: int,
+    *,
+    seq_len: int | None = None,
+    graphs: bool | None = None,
+) -> MemoryEstimate:
+    """The plan the trainer runs for `cfg`, with its estimate: train.checkpoint_policy `none`, `all` or
+    `offload` as named, `auto` the fastest plan that fits `budget_bytes` (fit_checkpointing)."""
+    policy = getattr(cfg.train, "checkpoint_policy", "auto") if cfg.train.gradient_checkpointing else "none"
+    if policy == "auto":
+        return fit_checkpointing(cfg, model_config, budget_bytes, seq_len=seq_len, graphs=graphs)
+    layers = 0 if policy == "none" else model_shape(model_config).layers
+    return estimate_memory(
+        cfg,
+        model_config,
+        seq_len=seq_len,
+        checkpointed_layers=layers,
+        offload=policy == "offload",
+        graphs=graphs,
+    )

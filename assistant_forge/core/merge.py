@@ -18,7 +18,7 @@ from assistant_forge.core.models import (
 )
 from assistant_forge.core.runs import checkpoint_for, run_config
 from assistant_forge.core.templates import MODEL
-from assistant_forge.errors import ForgeError
+from assistant_forge.errors import ForgeError, first_line
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -141,7 +141,7 @@ def merge(
                 path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
             )
         except OSError as e:
-            raise ForgeError(f"Could not load model {base}: {str(e).splitlines()[0]}") from None
+            raise ForgeError(f"Could not load model {base}: {first_line(e)}") from None
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.save_pretrained(native, max_shard_size=max_shard_size)
         tok = load_tokenizer(path, template_name, trust_remote_code, label=base)

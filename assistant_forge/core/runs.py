@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -29,11 +28,12 @@ from typing import Any
 
 from assistant_forge.core.config import ForgeConfig, load_config, save_config
 from assistant_forge.core.fsutil import atomic_write_json
+from assistant_forge.core.run_state import LIVE_STATES
+from assistant_forge.core.tail import FileTail, json_objects
 from assistant_forge.errors import ForgeError, did_you_mean
 from assistant_forge.paths import runs_dir
 
 COMPLETE_MARKER = "forge_complete.json"
-LIVE_STATES = ("starting", "running", "stopping")
 LOCK_NAME = ".lock"
 
 
@@ -224,7 +224,7 @@ def preflight(cfg: ForgeConfig) -> None:
     build_mix(cfg.data.files, cfg.data.general_files, cfg.data.columns, cfg.train.seed)
     check_model_code(resolve_model(cfg.model.path), cfg.model.path, cfg.model.trust_remote_code)
     if cfg.lora.method == "qlora":
-        from assistant_forge.training.modeling import check_4bit_available
+        from assistant_forge.core.hardware import check_4bit_available
 
         check_4bit_available("")
     n = cfg.train.processes
@@ -352,34 +352,20 @@ def checkpoint_for(run: Path, step: int | None = None) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):  # a line still being written is skipped
-                    with contextlib.suppress(json.JSONDecodeError):
-                        rows.append(json.loads(line))
-    except FileNotFoundError:
-        pass
-    return rows
+    """The rows of a run's JSONL file (events, samples); a line still being written is not one yet."""
+    return json_objects(FileTail(path).read_all_lines())
 
 
-def follow_file(path: Path, run: Path, poll_s: float = 0.5, from_start: bool = True) -> Iterator[str]:
+def follow_file(path: Path, run: Path, poll_s: float = 0.5) -> Iterator[str]:
     """Yield lines of a growing file until the run's trainer is gone and the file is drained."""
-    pos = 0 if from_start else (path.stat().st_size if path.exists() else 0)
-    buf = ""
+    tail = FileTail(path)
     while True:
-        alive = _live(run, read_json(run / "status.json"))
-        if path.exists():
-            with open(path, encoding="utf-8", errors="replace") as f:
-                f.seek(pos)
-                chunk = f.read()
-                pos = f.tell()
-            buf += chunk
-            *lines, buf = buf.split("\n")
-            yield from lines
+        alive = _live(run, read_json(run / "status.json"))  # before reading: a dead trainer's file is whole
+        lines = tail.read_all_lines()
+        if not alive and (rest := tail.partial_line()):
+            lines.append(rest)  # the trainer is gone: its unfinished last line is final
+        for line in lines:
+            yield from line.split("\r")  # tqdm redraws a line with \r: each redraw is printed as a line
         if not alive:
-            if buf:
-                yield buf
             return
         time.sleep(poll_s)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assistant_forge.core.formats import DatasetError, _first_line
+from assistant_forge.core.formats import DatasetError
+from assistant_forge.errors import first_line
 
 HF_PREFIX = "hf:"
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -161,7 +162,7 @@ def json_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _detail(e: Exception) -> str:
     """jsonlines' message without its own prefix and line suffix."""
-    msg = _first_line(e).removeprefix("line contains invalid json: ")
+    msg = first_line(e, 200).removeprefix("line contains invalid json: ")
     return msg.rsplit(" (line ", 1)[0]
 
 
@@ -178,7 +179,7 @@ def _json_array(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
     except RecursionError:
         raise DatasetError(f"{path}: JSON nested too deeply.") from None
     except ValueError as e:  # e.g. an integer too long to convert
-        raise DatasetError(f"{path}: malformed JSON ({_first_line(e)}).") from None
+        raise DatasetError(f"{path}: malformed JSON ({first_line(e, 200)}).") from None
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON array of records.")
     # Line numbers of array items are not tracked by json; report item positions instead.
@@ -250,7 +251,7 @@ def _explain(e: Exception, src: Source, kind: str) -> DatasetError:
         if nxt is None or nxt is cause:
             break
         cause = nxt
-    text = _first_line(e)
+    text = first_line(e, 200)
     if kind == "hub":
         if isinstance(e, ConnectionError) or "offline" in text.lower():
             return DatasetError(
@@ -273,7 +274,7 @@ def _explain(e: Exception, src: Source, kind: str) -> DatasetError:
         "folder": "a folder of data files",
         "parquet": "a Parquet file",
     }.get(kind, f"a {kind.upper()} file")
-    detail = _first_line(cause) if cause is not e else text
+    detail = first_line(cause, 200) if cause is not e else text
     return DatasetError(f"{src.spec}: cannot be read as {what} ({detail}).")
 
 

@@ -13,7 +13,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from assistant_forge.errors import ForgeError, did_you_mean
+from assistant_forge.errors import ForgeError, did_you_mean, first_line
 
 MODEL = "model"  # the model's own template
 _FILES = ("chatml", "qwen2_5", "llama3_1", "mistral_v3", "internlm2_5", "yi_1_5")
@@ -117,7 +117,7 @@ def first_difference(tok: Any, ours: str, theirs: str) -> str | None:
             a = render(tok, messages, gen, ours)
             b = render(tok, messages, gen, theirs)
         except Exception as e:  # a template may refuse a probe (e.g. roles it does not know)
-            return f"{about}: rendering failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            return f"{about}: rendering failed ({first_line(e)})"
         if a != b:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             return f"{about}, at character {at}: the model's gives {b[at : at + 40]!r}, this one {a[at : at + 40]!r}"

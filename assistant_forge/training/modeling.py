@@ -8,6 +8,7 @@ from typing import Any
 
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import load_tokenizer
+from assistant_forge.core.hardware import check_4bit_available
 from assistant_forge.core.models import check_model_code, resolve_model
 from assistant_forge.errors import ForgeError
 from assistant_forge.training.labeled_loss import patch_labeled_loss
@@ -32,17 +33,6 @@ def pick_dtype(cfg: ForgeConfig, device: str) -> Any:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32  # CPUs without bf16 units run fp32 fastest
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[p]
-
-
-def check_4bit_available(device: str) -> None:
-    """QLoRA needs bitsandbytes able to run 4-bit on this device; say so plainly if it cannot."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native library
-        raise ForgeError(
-            f"QLoRA needs bitsandbytes 4-bit support, which is not usable here ({type(e).__name__}); "
-            'set method = "lora" in [lora] or install bitsandbytes.'
-        ) from None
 
 
 def quantization_config(cfg: ForgeConfig, dtype: Any) -> Any:

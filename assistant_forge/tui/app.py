@@ -71,9 +71,6 @@ class ForgeApp(App[int]):
         # Escape leaves a text field so the single-key bindings (1-6, a, e, ...) work again.
         self.screen.set_focus(None)
 
-    def goto(self, mode: str) -> None:
-        self.switch_mode(mode)
-
 
 def run_app() -> int:
     """Entry point for `forge` with no subcommand. Closing the app never stops a training run."""

@@ -1,4 +1,4 @@
-"""Formatting shared by screens (no Textual, no core imports: cheap at startup)."""
+"""Formatting shared by screens (no Textual, no pydantic: cheap at startup)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,6 @@ STATE_STYLE = {
     "dead": "red",
     "created": "dim",
 }
-
-
-def fmt_eta(seconds: Any) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s"
 
 
 def text_bar(step: int, total: int, width: int = 10) -> str:

@@ -1,59 +1,18 @@
 """Incremental reading of a run directory for the UI: new events, samples and log lines.
 
-Pure Python and polling by byte offset (inotify is not everywhere, and NFS homes are common on
-GPU boxes). A poll reads only what was appended since the last one, so watching a long run costs
-the same at step 10 and at step 10 000. Runs in a worker thread, never in the event loop.
+Pure Python, reading each file by byte offset (core.tail): a poll reads only what was appended since
+the last one, so watching a long run costs the same at step 10 and at step 10 000. Runs in a worker
+thread, never in the event loop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MAX_READ = 1 << 20  # bytes per file per poll: a huge backlog is caught up over several polls
+from assistant_forge.core.tail import FileTail, json_objects
+
 LOG_BACKLOG = 64 << 10  # a reattached watcher shows only the log's last 64 KiB
-
-
-class FileTail:
-    """Complete lines appended to a file since the last read (a partial last line waits)."""
-
-    def __init__(self, path: Path, backlog: int | None = None) -> None:
-        self.path = path
-        self.pos = 0
-        self.buf = b""
-        self.backlog = backlog
-
-    def read_lines(self) -> list[str]:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return []
-        if size < self.pos:  # truncated or replaced: start over
-            self.pos, self.buf = 0, b""
-        if self.backlog is not None:
-            self.pos = max(self.pos, size - self.backlog)
-            self.backlog = None
-        if size == self.pos:
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.pos)
-            chunk = f.read(MAX_READ)
-        self.pos += len(chunk)
-        data = self.buf + chunk
-        *lines, self.buf = data.split(b"\n")
-        return [ln.decode("utf-8", errors="replace").rstrip("\r") for ln in lines]
-
-
-def _json_lines(lines: list[str]) -> list[dict]:
-    out = []
-    for ln in lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            obj = json.loads(ln)
-            if isinstance(obj, dict):
-                out.append(obj)
-    return out
 
 
 @dataclass
@@ -88,8 +47,8 @@ class RunWatcher:
         upd = RunUpdate(
             self.run,
             status,
-            events=_json_lines(self.events.read_lines()),
-            samples=_json_lines(self.samples.read_lines()),
+            events=json_objects(self.events.read_lines()),
+            samples=json_objects(self.samples.read_lines()),
             log=self.log.read_lines(),
         )
         if not upd.has_news and status == self._last_status:

@@ -200,3 +200,31 @@ def test_zero_shards_per_process_and_turns_the_fast_path_off() -> None:
     assert z3x4.weights == plain.weights // 4 + one_layer
     assert z3x4.total < z3.total < z2.total
     assert "per process of 2 under ZeRO-3" in z3.summary()
+
+
+def test_the_planned_memory_is_the_policy_the_trainer_runs() -> None:
+    cfg = bench_cfg(2048, 0.1)
+    cfg.train.gradient_checkpointing = True
+    budget = int(7.0 * GIB)
+    assert mem.planned_memory(cfg, LLAMA7B, budget) == mem.fit_checkpointing(cfg, LLAMA7B, budget)  # auto
+    for policy, layers, offload in (("none", 0, False), ("all", 32, False), ("offload", 32, True)):
+        cfg.train.checkpoint_policy = policy
+        plan = mem.planned_memory(cfg, LLAMA7B, budget)
+        assert (plan.checkpointed_layers, plan.offload) == (layers, offload)
+        assert plan == mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=layers, offload=offload)
+    cfg.train.checkpoint_policy, cfg.train.gradient_checkpointing = "auto", False
+    assert mem.planned_memory(cfg, LLAMA7B, budget).checkpointed_layers == 0
+
+
+def test_the_apps_memory_line_shows_the_fitted_plan_not_the_all_checkpointed_one() -> None:
+    from assistant_forge.tui.screens.config import memory_line
+
+    cfg = bench_cfg(2048, 0.1)
+    cfg.train.gradient_checkpointing, cfg.train.memory_budget_gib = True, 7.0
+    fitted = mem.fit_checkpointing(cfg, LLAMA7B, int(7.0 * GIB))
+    assert 0 < fitted.checkpointed_layers < 32  # the budget makes the two plans differ
+    line = memory_line(cfg, LLAMA7B)
+    assert f"{fitted.total_gib:.2f} GiB" in line and f"{fitted.checkpointed_layers}/32 layers" in line
+    assert "fitted to 7 GiB" in line
+    cfg.train.memory_budget_gib, cfg.meta.min_gpu_gib = 0, 7.0  # no budget: the preset's GPU stands in
+    assert memory_line(cfg, LLAMA7B) == line

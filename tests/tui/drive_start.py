@@ -1,7 +1,8 @@
 """Run the real app in this process and start a training run from its Train screen.
 
 Used by test_reattach.py: the test kills this process (SIGKILL, as a lost SSH session would)
-once the run is going. argv: dataset file, marker file (gets the run path once training runs).
+once the run is going. argv: a work folder (gets the tiny config and its data), marker file (gets
+the run path once training runs), the number of steps to train.
 """
 
 from __future__ import annotations
@@ -10,23 +11,27 @@ import asyncio
 import sys
 from pathlib import Path
 
-from helpers import tiny_config, wait_for  # run as a script: tests/tui is on sys.path
+from forge_testing import tiny_config  # run as a script: tests/ and tests/tui are on sys.path
+from helpers import wait_in_app
 
+from assistant_forge.core.config import load_config
 from assistant_forge.tui.app import ForgeApp
 
 
 def main() -> None:
-    data, marker = Path(sys.argv[1]), Path(sys.argv[2])
+    work, marker, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     app = ForgeApp()
 
     async def drive(pilot) -> None:
-        app.session.config = tiny_config(data, max_steps=300)
+        app.session.config = load_config(tiny_config(work, max_steps=steps, save_steps=steps))
         app.session.config_name = "reattach"
         await pilot.press("4")
         await pilot.pause()
         screen = app.screen
         await pilot.press("s")
-        await wait_for(pilot, lambda: screen.state == "running" and screen.query_one("LossPlot").values, 180)
+        await wait_in_app(
+            pilot, lambda: screen.state == "running" and screen.query_one("LossPlot").values, 180
+        )
         marker.write_text(str(screen.watching))
         await asyncio.sleep(3600)  # until killed
 

@@ -1,38 +1,23 @@
-"""Helpers for the TUI tests: a Pilot wait, a tiny CPU config, fixed-name fake runs."""
+"""Helpers for the TUI tests: a Pilot wait and fixed-name fake runs (a tiny config: forge_testing)."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from forge_testing import until_timeout  # tests/ is on sys.path (pytest rootdir, drive_start.py)
+
 FIXED_TIME = "2026-01-01T12:00:00+00:00"
 
 
-async def wait_for(pilot: Any, cond: Callable[[], bool], timeout: float = 120.0, what: str = "") -> None:
+async def wait_in_app(pilot: Any, cond: Callable[[], bool], timeout: float = 120.0, what: str = "") -> None:
     """Let the app run until cond() holds (workers post from threads; the UI updates in between)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or cond}")
+    for _ in until_timeout(timeout, what or str(cond)):
+        if cond():
+            return
         await pilot.pause(0.2)
-
-
-def tiny_config(data: Path, max_steps: int = 2):
-    """The demo preset cut down to seconds of CPU: a few steps, short rows, one thread."""
-    from assistant_forge.core.presets import get_preset
-
-    cfg = get_preset("demo-cpu-lora").load()
-    cfg.data.files = [str(data)]
-    cfg.data.max_length = 128
-    cfg.train.max_steps = max_steps
-    cfg.train.cpu_threads = 1
-    cfg.eval.prompts = ["Who are you?"]
-    cfg.eval.max_new_tokens = 8
-    cfg.eval.sample_every = 0
-    return cfg
 
 
 def write_fake_run(

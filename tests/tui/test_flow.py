@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import wait_for
+from .helpers import wait_in_app
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_full_pipeline_through_the_app(tmp_path: Path, demo_path: str, torch_one
             await pilot.pause()
             assert cf.cfg is not None and cf.cfg.train.max_steps == 8
             assert (cf.cfg.identity.name, cf.cfg.identity.author) == ("Forgey", "Alice")
-            await wait_for(
+            await wait_in_app(
                 pilot, lambda: "GiB" in str(cf.query_one("#config-mem", Static).render()), 30, "estimate"
             )
             cf.cfg.eval.max_new_tokens = 8  # not a form field; keeps sample answers short
@@ -106,15 +106,15 @@ def test_full_pipeline_through_the_app(tmp_path: Path, demo_path: str, torch_one
             tr = app.screen
             assert type(tr).__name__ == "TrainScreen"
             await pilot.press("s")
-            await wait_for(pilot, lambda: tr.watching is not None, 60, "launch")
+            await wait_in_app(pilot, lambda: tr.watching is not None, 60, "launch")
             run = tr.watching
-            await wait_for(pilot, lambda: tr.query_one(LossPlot).values, 120, "first logged step")
+            await wait_in_app(pilot, lambda: tr.query_one(LossPlot).values, 120, "first logged step")
             await pilot.press("x")
-            await wait_for(pilot, lambda: tr.state == "stopped", 120, "stopped")
+            await wait_in_app(pilot, lambda: tr.state == "stopped", 120, "stopped")
             stopped_at = read_status(run)["step"]
             assert 0 < stopped_at < 8
             await pilot.press("r")
-            await wait_for(pilot, lambda: tr.state == "finished", 180, "finished after resume")
+            await wait_in_app(pilot, lambda: tr.state == "finished", 180, "finished after resume")
             await pilot.pause(1.0)
             assert read_status(run)["step"] == 8
             assert len(tr.query_one(LossPlot).values) == len(read_jsonl(run / "events.jsonl"))
@@ -128,11 +128,13 @@ def test_full_pipeline_through_the_app(tmp_path: Path, demo_path: str, torch_one
             ex = app.screen
             assert ex.query_one("#ex-run").value == run
             await pilot.press("b")
-            await wait_for(pilot, lambda: not ex.busy and app.session.merged is not None, 300, "export")
+            await wait_in_app(pilot, lambda: not ex.busy and app.session.merged is not None, 300, "export")
             assert (run / "adapter" / "adapter_config.json").is_file()
             assert (run / "merged" / "config.json").is_file()
             await pilot.press("b")  # again without "replace": core's error, shown as a sentence
-            await wait_for(pilot, lambda: not ex.busy and ex.query_one("#export-msg").has_class("error"), 60)
+            await wait_in_app(
+                pilot, lambda: not ex.busy and ex.query_one("#export-msg").has_class("error"), 60
+            )
             assert "already exists" in str(ex.query_one("#export-msg", Static).render())
 
             # --- Chat -----------------------------------------------------------------------
@@ -142,14 +144,14 @@ def test_full_pipeline_through_the_app(tmp_path: Path, demo_path: str, torch_one
             ch.max_new_tokens = 12
             assert ch.query_one("#ch-model", Input).value == str(run / "merged")
             await pilot.press(*"Who are you?", "enter")
-            await wait_for(
+            await wait_in_app(
                 pilot, lambda: not ch.generating and ch.history["main"][-1]["role"] == "assistant", 120
             )
             assert ch.history["main"][-1]["content"].strip()
             # side by side: base and tuned answer the same question
             await pilot.press("ctrl+b")
             await pilot.press(*"What is your name?", "enter")
-            await wait_for(pilot, lambda: not ch.generating, 120, "side-by-side answers")
+            await wait_in_app(pilot, lambda: not ch.generating, 120, "side-by-side answers")
             assert (
                 ch.history["base"][-1]["role"] == "assistant"
                 and ch.history["main"][-1]["role"] == "assistant"
@@ -158,9 +160,9 @@ def test_full_pipeline_through_the_app(tmp_path: Path, demo_path: str, torch_one
             # stop a long answer
             ch.max_new_tokens = 400
             await pilot.press(*"Tell me a long story.", "enter")
-            await wait_for(pilot, lambda: ch._answer.get("base"), 60, "first tokens")
+            await wait_in_app(pilot, lambda: ch._answer.get("base"), 60, "first tokens")
             await pilot.press("escape")
-            await wait_for(pilot, lambda: not ch.generating, 60, "stop")
+            await wait_in_app(pilot, lambda: not ch.generating, 60, "stop")
             assert "[stopped]" in str(ch.query_one("#pane-base").children[-1].render())
             assert len(ch.history["base"][-1]["content"]) < 400 * 4
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .helpers import wait_for
+from .helpers import wait_in_app
 
 DATA = Path(__file__).parent.parent / "fixtures" / "data"
 
@@ -32,14 +32,14 @@ def test_import_a_parquet_file_then_a_downloaded_hub_folder(tmp_path: Path, monk
             screen = app.screen
             screen.query_one("#ds-path").value = str(tmp_path / "guanaco.parquet")
             await pilot.press("escape", "i")
-            await wait_for(pilot, lambda: len(screen.records) == 4, 20, "parquet import")
+            await wait_in_app(pilot, lambda: len(screen.records) == 4, 20, "parquet import")
             assert screen.records[1]["messages"][0]["content"].startswith("你好")
             screen.query_one("#ds-path").value = str(tmp_path / "hub")
             await pilot.press("escape", "i")
-            await wait_for(pilot, lambda: len(screen.records) == 6, 20, "folder import")
+            await wait_in_app(pilot, lambda: len(screen.records) == 6, 20, "folder import")
             screen.query_one("#ds-path").value = str(tmp_path / "nothing.parquet")
             await pilot.press("escape", "i")
-            await wait_for(pilot, lambda: screen.query_one("#data-msg").has_class("error"), 10, "error")
+            await wait_in_app(pilot, lambda: screen.query_one("#data-msg").has_class("error"), 10, "error")
             assert "nothing.parquet does not exist" in str(screen.query_one("#data-msg").render())
 
     asyncio.run(main())

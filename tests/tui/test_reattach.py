@@ -12,25 +12,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from forge_testing import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")]
 
 HERE = Path(__file__).resolve().parent
-
-
-def _wait(cond, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
+STEPS = 3000  # forge_testing's tiny config trains fast: enough steps to outlive the app and its restart
 
 
 def _events(run: Path) -> int:
@@ -41,20 +31,18 @@ def _events(run: Path) -> int:
 
 
 def test_run_survives_app_and_is_shown_live_again(tmp_path: Path, demo_path: str) -> None:
-    from assistant_forge.core.dataset import write_records
-    from assistant_forge.core.identity import generate_identity_records
     from assistant_forge.core.runs import read_json, stop, trainer_alive
 
-    data = tmp_path / "data.jsonl"
-    write_records(generate_identity_records("Forgey", "Alice", langs=["en"], count=4), data)
     marker = tmp_path / "run.txt"
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE.parents[1]), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+        ),
     }
     with open(tmp_path / "app.err", "wb") as err:
         app = subprocess.Popen(
-            [sys.executable, str(HERE / "drive_start.py"), str(data), str(marker)],
+            [sys.executable, str(HERE / "drive_start.py"), str(tmp_path), str(marker), str(STEPS)],
             env=env,
             cwd=tmp_path,
             stdout=subprocess.DEVNULL,
@@ -63,7 +51,7 @@ def test_run_survives_app_and_is_shown_live_again(tmp_path: Path, demo_path: str
     run: Path | None = None
     sock = f"forge-test-{os.getpid()}"
     try:
-        _wait(lambda: marker.exists() or app.poll() is not None, 240, "the app to start a run")
+        wait_for(lambda: marker.exists() or app.poll() is not None, 240, "the app to start a run")
         assert marker.exists(), (tmp_path / "app.err").read_text()[-2000:]
         run = Path(marker.read_text())
 
@@ -72,7 +60,7 @@ def test_run_survives_app_and_is_shown_live_again(tmp_path: Path, demo_path: str
         app.wait(10)
         assert trainer_alive(run)
         before = _events(run)
-        _wait(lambda: _events(run) > before + 1, 60, "events.jsonl to grow after the app died")
+        wait_for(lambda: _events(run) > before + 1, 60, "events.jsonl to grow after the app died")
 
         # forge again, in a real terminal: the Home screen lists the run as running, live.
         cmd = (
@@ -91,18 +79,20 @@ def test_run_survives_app_and_is_shown_live_again(tmp_path: Path, demo_path: str
             ).stdout
 
         def live_step() -> int | None:
-            m = re.search(r"training live: \S+\s+step (\d+)/300", screen())
+            m = re.search(rf"training live: \S+\s+step (\d+)/{STEPS}", screen())
             return int(m.group(1)) if m else None
 
-        first = _wait(live_step, 30, "the reattached app to show the run live")
+        first = wait_for(live_step, 30, "the reattached app to show the run live")
         text = screen()
         assert run.name in text and "running" in text
-        _wait(lambda: (live_step() or 0) > first, 30, "the shown step to advance")
+        wait_for(lambda: (live_step() or 0) > first, 30, "the shown step to advance")
 
         # enter on the run opens the Train screen on it, with its loss plot and log.
         subprocess.run(["tmux", "-L", sock, "send-keys", "-t", "forge", "Enter"], check=True)
-        _wait(
-            lambda: "train.log" in screen() and re.search(r"step \d+/300 · ETA", screen()), 20, "Train screen"
+        wait_for(
+            lambda: "train.log" in screen() and re.search(rf"step \d+/{STEPS} · ETA", screen()),
+            20,
+            "Train screen",
         )
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)

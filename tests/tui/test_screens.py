@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from .helpers import wait_for, write_fake_run
+from .helpers import wait_in_app, write_fake_run
 
 
 def _run(flow) -> None:
@@ -36,14 +36,14 @@ def test_dataset_imports_sharegpt_and_reports_bad_files_inline(tmp_path: Path) -
         screen = app.screen
         screen.query_one("#ds-path").value = str(bad)
         await pilot.press("escape", "i")
-        await wait_for(pilot, lambda: screen.query_one("#data-msg").has_class("error"), 10, "import error")
+        await wait_in_app(pilot, lambda: screen.query_one("#data-msg").has_class("error"), 10, "import error")
         assert "bad.jsonl:1: the conversation has no assistant turn" in str(
             screen.query_one("#data-msg").render()
         )
         assert screen.records == []
         screen.query_one("#ds-path").value = str(good)
         await pilot.press("escape", "i")
-        await wait_for(pilot, lambda: len(screen.records) == 1, 10, "import")
+        await wait_in_app(pilot, lambda: len(screen.records) == 1, 10, "import")
         assert screen.records[0]["messages"][0] == {"role": "user", "content": "你好"}
         # saving refuses an invalid conversation, and says which one
         screen.records.append({"messages": [{"role": "user", "content": "only a question"}]})
@@ -68,7 +68,7 @@ def test_config_filter_toml_view_and_save(tmp_path: Path) -> None:
         ]
         assert names == ["qwen2_5-0_5b-instruct-qlora"]
         await pilot.press("enter", "down", "enter")  # filter → list → pick
-        await wait_for(pilot, lambda: screen.preset_name == "qwen2_5-0_5b-instruct-qlora", 5, "preset")
+        await wait_in_app(pilot, lambda: screen.preset_name == "qwen2_5-0_5b-instruct-qlora", 5, "preset")
         await pilot.press("escape", "v")
         await pilot.pause()
         assert "[lora]" in app.screen.query_one("#toml-text").text
@@ -92,7 +92,7 @@ def test_train_screen_tails_a_growing_run() -> None:
         await pilot.press("4")
         screen = app.screen
         plot = screen.query_one("LossPlot")
-        await wait_for(pilot, lambda: len(plot.values) == 2, 10, "first events")
+        await wait_in_app(pilot, lambda: len(plot.values) == 2, 10, "first events")
         assert screen.query_one("#train-log").line_count == 1  # the partial line waits for its newline
         with open(run / "events.jsonl", "a") as f:
             f.write(json.dumps({"step": 3, "total_steps": 10, "loss": 0.5, "eta_s": 7}) + "\n")
@@ -101,7 +101,7 @@ def test_train_screen_tails_a_growing_run() -> None:
             f.write(" line\nstep 3\n")
         log = screen.query_one("#train-log")
         # The two files may be read in different polls: wait for both.
-        await wait_for(pilot, lambda: len(plot.values) == 3 and log.line_count == 3, 10, "appended lines")
+        await wait_in_app(pilot, lambda: len(plot.values) == 3 and log.line_count == 3, 10, "appended lines")
         assert log.lines[-2:] == ["partial line", "step 3"]
         assert "step 3/10" in str(screen.query_one("#metrics").render())
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import wait_for, write_fake_run
+from .helpers import wait_in_app, write_fake_run
 
 SAMPLES = (("Who are you?", "I'm SmolLM, an AI assistant."), ("你是谁？", "我是Forgey，由Alice创造的助手。"))
 LOG = "".join(
@@ -38,7 +38,7 @@ def _app(light: bool = False):
 
 
 async def _home_loaded(pilot) -> None:
-    await wait_for(pilot, lambda: pilot.app.screen.query_one("#runs").row_count == 4, 20, "runs")
+    await wait_in_app(pilot, lambda: pilot.app.screen.query_one("#runs").row_count == 4, 20, "runs")
 
 
 def test_home(snap_compare, runs) -> None:
@@ -81,7 +81,7 @@ def test_config_demo_preset(snap_compare, fixed_runs_dir: Path) -> None:
         pilot.app.session.dataset_path = fixed_runs_dir / "identity.jsonl"
         await pilot.press("3")
         screen = pilot.app.screen
-        await wait_for(pilot, lambda: screen.preset_name == "demo-cpu-lora", 10)
+        await wait_in_app(pilot, lambda: screen.preset_name == "demo-cpu-lora", 10)
         screen.query_one("#cf-lora-r").value = "sixteen"  # an inline error, from core's parse_config
         await pilot.pause()
 
@@ -93,7 +93,7 @@ def test_train_finished_run(snap_compare, runs) -> None:
         pilot.app.session.run = runs["finished"]
         await pilot.press("4")
         screen = pilot.app.screen
-        await wait_for(
+        await wait_in_app(
             pilot, lambda: screen.state == "finished" and screen.query_one("#train-samples").lines, 10
         )
         await pilot.pause(0.3)

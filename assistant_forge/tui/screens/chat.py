@@ -175,7 +175,7 @@ class ChatScreen(StepScreen):
         system: str | None,
         stop: threading.Event,
     ) -> None:
-        from assistant_forge.errors import ForgeError
+        from assistant_forge.errors import ForgeError, one_line
 
         for side, model, adapter in sides:
             if stop.is_set():
@@ -190,11 +190,7 @@ class ChatScreen(StepScreen):
                 self.post_message(self.Piece(side, str(e), kind="error"))
                 continue
             except Exception as e:  # a model that fails to load or generate: one line, not a traceback
-                self.post_message(
-                    self.Piece(
-                        side, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", kind="error"
-                    )
-                )
+                self.post_message(self.Piece(side, one_line(e), kind="error"))
                 continue
             self.post_message(self.Piece(side, "[stopped]" if stop.is_set() else "", kind="end"))
         self.post_message(self.Piece("", kind="idle"))

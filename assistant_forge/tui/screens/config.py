@@ -100,6 +100,23 @@ def model_config_for(spec: str) -> dict | None:
         return None
 
 
+def memory_line(cfg: ForgeConfig, model_config: dict) -> str:
+    """The estimate of the plan the trainer will run. Its `auto` policy fits train.memory_budget_gib,
+    else the GPU it finds at start; before that the preset's GPU (meta.min_gpu_gib) stands in."""
+    from assistant_forge.core.memory import GIB, planned_memory
+
+    budget_gib = cfg.train.memory_budget_gib or cfg.meta.min_gpu_gib
+    est = planned_memory(cfg, model_config, int(budget_gib * GIB) if budget_gib else 1 << 62)
+    fitted = budget_gib and cfg.train.gradient_checkpointing and cfg.train.checkpoint_policy == "auto"
+    return (
+        f"GPU memory ≈ [b]{est.total_gib:.2f} GiB[/] peak"
+        f"{' per GPU' if cfg.train.processes > 1 else ''} · {est.seq_len} tokens/step · "
+        f"{est.checkpointed_layers}/{est.num_layers} layers ckpt"
+        f"{' as CUDA graphs' if est.graphs else ''}"
+        f"{f' · fitted to {budget_gib:g} GiB' if fitted else ''}"
+    )
+
+
 class TomlView(ModalScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,v,q", "close", "Close")]
 
@@ -284,11 +301,6 @@ class ConfigScreen(StepScreen):
     def estimate(self, cfg: ForgeConfig | None) -> None:
         if cfg is None:
             return
-        try:
-            from assistant_forge.core.memory import estimate_memory
-        except ImportError:
-            self.post_message(self.MemoryEstimated("GPU memory: unknown"))
-            return
         model_cfg = model_config_for(cfg.model.path)
         if model_cfg is None:
             self.post_message(
@@ -296,18 +308,10 @@ class ConfigScreen(StepScreen):
             )
             return
         try:
-            est = estimate_memory(cfg, model_cfg)
+            text = memory_line(cfg, model_cfg)
         except Exception as e:  # an odd model config must not break the form
-            self.post_message(self.MemoryEstimated(f"GPU memory: unknown ({type(e).__name__})"))
-            return
-        self.post_message(
-            self.MemoryEstimated(
-                f"GPU memory ≈ [b]{est.total_gib:.2f} GiB[/] peak"
-                f"{' per GPU' if cfg.train.processes > 1 else ''} · {est.seq_len} tokens/step · "
-                f"{est.checkpointed_layers}/{est.num_layers} layers ckpt"
-                f"{' as CUDA graphs' if est.graphs else ''}"
-            )
-        )
+            text = f"GPU memory: unknown ({type(e).__name__})"
+        self.post_message(self.MemoryEstimated(text))
 
     def on_config_screen_memory_estimated(self, msg: MemoryEstimated) -> None:
         self.query_one("#config-mem", Static).update(msg.text)

@@ -158,7 +158,7 @@ class ExportScreen(StepScreen):
     @work(thread=True, exclusive=True, group="export")
     def export_worker(self, job: dict, convert: bool, merge: bool) -> None:
         from assistant_forge.core import merge as core_merge
-        from assistant_forge.errors import ForgeError
+        from assistant_forge.errors import ForgeError, one_line
 
         total = int(convert) + int(merge)
         step = 0
@@ -183,7 +183,7 @@ class ExportScreen(StepScreen):
                 self.Progress(
                     step,
                     total,
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    one_line(e),
                     error=True,
                     done=True,
                 )

@@ -16,7 +16,8 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Footer, Static
 
-from assistant_forge.tui.fmt import STATE_STYLE, fmt_eta, fmt_num, text_bar
+from assistant_forge.core.run_state import LIVE_STATES, fmt_eta
+from assistant_forge.tui.fmt import STATE_STYLE, fmt_num, text_bar
 from assistant_forge.tui.screens.base import StepScreen
 from assistant_forge.tui.widgets.steps import StepsBar
 
@@ -98,7 +99,7 @@ class HomeScreen(StepScreen):
                 started,
                 key=str(path),
             )
-            if state in ("starting", "running", "stopping"):
+            if state in LIVE_STATES:
                 live.append((path, step, total))
         if self._paths:
             table.move_cursor(row=min(keep, len(self._paths) - 1))

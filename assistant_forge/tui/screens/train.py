@@ -8,6 +8,8 @@ trainer running; coming back, or starting forge again, shows it live.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -20,7 +22,8 @@ from textual.message import Message
 from textual.widgets import Footer, Log, ProgressBar, RichLog, Static
 from textual.worker import get_current_worker
 
-from assistant_forge.tui.fmt import STATE_STYLE, fmt_eta
+from assistant_forge.core.run_state import ENDED_STATES, LIVE_STATES, fmt_eta
+from assistant_forge.tui.fmt import STATE_STYLE
 from assistant_forge.tui.screens.base import StepScreen
 from assistant_forge.tui.widgets.lossplot import LossPlot
 from assistant_forge.tui.widgets.steps import StepsBar
@@ -42,6 +45,30 @@ def metrics_line(ev: dict) -> str:
     if ev.get("loss") is not None:
         parts.append(f"loss {ev['loss']:.4f}")
     return " · ".join(parts)
+
+
+# What the screen's start/stop/resume keys do, each run in launch_worker: (the run, what to say).
+def start_run(cfg: ForgeConfig, label: str) -> tuple[Path, str]:
+    from assistant_forge.core.runs import launch, new_run_dir, preflight
+
+    preflight(cfg)  # the same checks as `forge train`
+    run = new_run_dir(cfg, label=label)
+    pid = launch(run)
+    return run, f"started {run.name} (pid {pid}); it keeps running if you quit forge"
+
+
+def stop_run(run: Path) -> tuple[Path, str]:
+    from assistant_forge.core.runs import stop
+
+    status = stop(run, wait_s=300)
+    return run, f"run {status.get('state')}; resume it with r"
+
+
+def resume_run(run: Path) -> tuple[Path, str]:
+    from assistant_forge.core.runs import launch
+
+    pid = launch(run, resume=True)
+    return run, f"resumed {run.name} (pid {pid})"
 
 
 class TrainScreen(StepScreen):
@@ -140,11 +167,7 @@ class TrainScreen(StepScreen):
             return
         s = upd.status
         state = s.get("state", "created")
-        if (
-            state != self.state
-            and self.state in ("starting", "running", "stopping")
-            and state in ("finished", "stopped", "failed", "dead")
-        ):
+        if state != self.state and self.state in LIVE_STATES and state in ENDED_STATES:
             self.notify(
                 f"run {state}" + (": next, export it (5)" if state == "finished" else ""),
                 severity="error" if state in ("failed", "dead") else "information",
@@ -187,7 +210,7 @@ class TrainScreen(StepScreen):
     # --- actions ----------------------------------------------------------------------------
 
     def action_start(self) -> None:
-        if self.state in ("starting", "running", "stopping"):
+        if self.state in LIVE_STATES:
             self.show_error("train-msg", "This run is still going; stop it (x) first or watch it.")
             return
         if self.session.config is None:
@@ -195,27 +218,7 @@ class TrainScreen(StepScreen):
             return
         self.show_error("train-msg", "")
         self.query_one("#train-msg", Static).update("checking data and model…")
-        self.start_worker(self.session.config, self.session.config_name or "run")
-
-    @work(thread=True, exclusive=True, group="launch")
-    def start_worker(self, cfg: ForgeConfig, label: str) -> None:
-        from assistant_forge.core.runs import (
-            launch,
-            new_run_dir,
-            preflight,  # the same checks as `forge train`
-        )
-        from assistant_forge.errors import ForgeError
-
-        try:
-            preflight(cfg)
-            run = new_run_dir(cfg, label=label)
-            pid = launch(run)
-        except ForgeError as e:
-            self.post_message(self.Done(None, str(e), error=True))
-            return
-        self.post_message(
-            self.Done(run, f"started {run.name} (pid {pid}); it keeps running if you quit forge")
-        )
+        self.launch_worker(None, partial(start_run, self.session.config, self.session.config_name or "run"))
 
     def action_stop(self) -> None:
         if self.watching is None or self.state not in ("starting", "running"):
@@ -223,41 +226,29 @@ class TrainScreen(StepScreen):
             return
         self.show_error("train-msg", "")
         self.query_one("#train-msg", Static).update("stopping: saving a checkpoint…")
-        self.stop_worker(self.watching)
-
-    @work(thread=True, exclusive=True, group="launch")
-    def stop_worker(self, run: Path) -> None:
-        from assistant_forge.core.runs import stop
-        from assistant_forge.errors import ForgeError
-
-        try:
-            status = stop(run, wait_s=300)
-        except ForgeError as e:
-            self.post_message(self.Done(run, str(e), error=True))
-            return
-        self.post_message(self.Done(run, f"run {status.get('state')}; resume it with r"))
+        self.launch_worker(self.watching, partial(stop_run, self.watching))
 
     def action_resume(self) -> None:
         if self.watching is None:
             self.show_error("train-msg", "Choose a run on Home (1) first.")
             return
-        if self.state in ("starting", "running", "stopping"):
+        if self.state in LIVE_STATES:
             self.show_error("train-msg", "This run is still going.")
             return
         self.query_one("#train-msg", Static).update("resuming…")
-        self.resume_worker(self.watching)
+        self.launch_worker(self.watching, partial(resume_run, self.watching))
 
     @work(thread=True, exclusive=True, group="launch")
-    def resume_worker(self, run: Path) -> None:
-        from assistant_forge.core.runs import launch
+    def launch_worker(self, run: Path | None, job: Callable[[], tuple[Path, str]]) -> None:
+        """Start, stop or resume off the event loop; a ForgeError becomes the screen's error line."""
         from assistant_forge.errors import ForgeError
 
         try:
-            pid = launch(run, resume=True)
+            run, text = job()
         except ForgeError as e:
             self.post_message(self.Done(run, str(e), error=True))
             return
-        self.post_message(self.Done(run, f"resumed {run.name} (pid {pid})"))
+        self.post_message(self.Done(run, text))
 
     def on_train_screen_done(self, msg: Done) -> None:
         self.show_error("train-msg", msg.text if msg.error else "")
