@@ -26,10 +26,20 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def _table(columns: list[Any], rows: list[list[Any]], title: str | None = None) -> None:
-    from rich.table import Table
+def _table(
+    columns: list[str], rows: list[list[Any]], title: str | None = None, whole: tuple[int, ...] = (0,)
+) -> None:
+    """A table whose `whole` columns (names and paths a user types next) are never cut or wrapped,
+    whatever the terminal's width; the other columns wrap instead."""
+    from rich.table import Column, Table
 
-    t = Table(*columns, title=title)
+    cols = [
+        Column(c, no_wrap=True, min_width=max([len(c), *(len(str(r[i])) for r in rows)]))
+        if i in whole
+        else Column(c, overflow="fold")
+        for i, c in enumerate(columns)
+    ]
+    t = Table(*cols, title=title)
     for r in rows:
         t.add_row(*[str(c) for c in r])
     _console().print(t)
@@ -55,11 +65,8 @@ def cmd_presets_list(a: argparse.Namespace) -> int:
                 c.meta.verified or "-",
             ]
         )
-    from rich.table import Column
-
-    # Names stay whole (they are what `forge presets copy` takes); the other columns wrap instead.
-    name = Column("name", no_wrap=True, min_width=max((len(r[0]) for r in rows), default=4))
-    _table([name, "model", "method", "max length", "min GPU memory", "verified"], rows)
+    # Names (what `forge presets copy` takes) stay whole; the other columns wrap (model ids fold, never cut).
+    _table(["name", "model", "method", "max length", "min GPU memory", "verified"], rows)
     return 0
 
 
@@ -676,7 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a merged model for other runtimes").add_subparsers(
         metavar="FORMAT", required=True
     )
-    sp = add(ex, "gguf", cmd_export_gguf, "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)")
+    sp = add(
+        ex, "gguf", cmd_export_gguf, "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"
+    )
     sp.add_argument("merged", help="a merged model folder (forge merge BASE ADAPTER -o merged)")
     sp.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     sp.add_argument("--quant", default="f16", help="f16 (default), bf16, q8_0 or q4_0")

@@ -201,9 +201,10 @@ def _head_dim(config: dict) -> int:
 def _add_hparams(w: Any, config: dict) -> None:
     import gguf
 
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config[
-        "num_attention_heads"
-    ]
+    heads, kv_heads = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
+    )
     head_dim = _head_dim(config)
     w.add_context_length(int(config.get("max_position_embeddings") or 4096))
     w.add_embedding_length(config["hidden_size"])
@@ -282,7 +283,9 @@ def _plan(folder: Path, names: dict[str, str], config: dict, arch: str, quant: s
             if shape[-1] % block:
                 qtype = Q.F16
         nbytes = math.prod(quant_shape_to_byte_shape(shape, qtype))
-        yield _Planned(g, shape, qtype, nbytes, _loader(folder, names[hf_name], hf_name, g, qtype, config, arch))
+        yield _Planned(
+            g, shape, qtype, nbytes, _loader(folder, names[hf_name], hf_name, g, qtype, config, arch)
+        )
 
 
 def _shape(folder: Path, file: str, name: str) -> tuple[int, ...]:
@@ -358,7 +361,9 @@ def _add_tokenizer(w: Any, tok: Any, config: dict) -> None:
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
-        raise ForgeError(f"The model's tokenizer is {model.get('type')}, not BPE; forge exports BPE tokenizers.")
+        raise ForgeError(
+            f"The model's tokenizer is {model.get('type')}, not BPE; forge exports BPE tokenizers."
+        )
     byte_level = _has(spec.get("pre_tokenizer"), "ByteLevel") or _has(spec.get("decoder"), "ByteLevel")
     if not byte_level and not model.get("byte_fallback"):
         raise ForgeError("The model's tokenizer is neither byte-level BPE nor BPE with byte fallback.")

@@ -153,7 +153,9 @@ def modelfile_text(gguf_name: str, tok: Any, system: str | None, generation_eos:
     ]
     lines += [f'PARAMETER stop "{s}"' for s in stop_texts(tok, generation_eos)]
     if pieces.system and system:
-        lines.append("# The system prompt the model was trained under (changing it can change who it says it is).")
+        lines.append(
+            "# The system prompt the model was trained under (changing it can change who it says it is)."
+        )
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,6 @@ def _load_back(path: Path):
 
 @pytest.mark.parametrize("key", FAMILIES)
 def test_f16_export_reproduces_logits_and_tokens(key, tmp_path, torch_one_thread):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch = torch_one_thread
@@ -64,9 +63,10 @@ def test_f16_export_reproduces_logits_and_tokens(key, tmp_path, torch_one_thread
         assert tok.get_vocab() == ref_tok.get_vocab()
         texts = []
     for text in texts:
-        assert tok(text, add_special_tokens=False)["input_ids"] == ref_tok(text, add_special_tokens=False)[
-            "input_ids"
-        ], text
+        assert (
+            tok(text, add_special_tokens=False)["input_ids"]
+            == ref_tok(text, add_special_tokens=False)["input_ids"]
+        ), text
     assert (tok.bos_token, tok.eos_token) == (ref_tok.bos_token, ref_tok.eos_token)
     assert tok.chat_template == ref_tok.chat_template
 
@@ -79,7 +79,6 @@ def test_f16_export_reproduces_logits_and_tokens(key, tmp_path, torch_one_thread
 
 
 def test_q8_0_and_q4_0_are_smaller_and_close(tmp_path, torch_one_thread):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch = torch_one_thread
