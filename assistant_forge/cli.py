@@ -26,10 +26,20 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def _table(columns: list[Any], rows: list[list[Any]], title: str | None = None) -> None:
-    from rich.table import Table
+def _table(
+    columns: list[str], rows: list[list[Any]], title: str | None = None, whole: tuple[int, ...] = (0,)
+) -> None:
+    """A table whose `whole` columns (names and paths a user types next) are never cut or wrapped,
+    whatever the terminal's width; the other columns wrap instead."""
+    from rich.table import Column, Table
 
-    t = Table(*columns, title=title)
+    cols = [
+        Column(c, no_wrap=True, min_width=max([len(c), *(len(str(r[i])) for r in rows)]))
+        if i in whole
+        else Column(c, overflow="fold")
+        for i, c in enumerate(columns)
+    ]
+    t = Table(*cols, title=title)
     for r in rows:
         t.add_row(*[str(c) for c in r])
     _console().print(t)
@@ -55,11 +65,8 @@ def cmd_presets_list(a: argparse.Namespace) -> int:
                 c.meta.verified or "-",
             ]
         )
-    from rich.table import Column
-
-    # Names stay whole (they are what `forge presets copy` takes); the other columns wrap instead.
-    name = Column("name", no_wrap=True, min_width=max((len(r[0]) for r in rows), default=4))
-    _table([name, "model", "method", "max length", "min GPU memory", "verified"], rows)
+    # Names (what `forge presets copy` takes) stay whole; the other columns wrap (model ids fold, never cut).
+    _table(["name", "model", "method", "max length", "min GPU memory", "verified"], rows)
     return 0
 
 
@@ -381,6 +388,40 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(a: argparse.Namespace) -> int:
+    from assistant_forge.core.gguf_export import check_quant, check_source, export_gguf
+
+    check_quant(a.quant)
+    check_source(Path(a.merged).expanduser())
+    modelfile = None
+    if a.ollama:
+        from assistant_forge.core.ollama import modelfile_for
+
+        modelfile = modelfile_for(a.merged, a.output, force=a.force)
+    r = export_gguf(
+        a.merged, a.output, quant=a.quant, force=a.force, progress=_progress_line("writing tensors")
+    )
+    print(f"wrote {r.path} ({r.quant}, {r.bytes / 2**20:.1f} MiB, {r.tensors} tensors, {r.seconds:.1f} s)")
+    if modelfile:
+        from assistant_forge.core.ollama import ollama_name, write_modelfile
+
+        path = write_modelfile(*modelfile)
+        print(f"wrote {path}; add it to Ollama with:")
+        print(f"  cd {path.parent} && ollama create {ollama_name(r.path)} -f Modelfile")
+    return 0
+
+
+def _progress_line(what: str) -> Callable[[int, int, str], None]:
+    """A progress callback that rewrites one line on a terminal and prints nothing elsewhere."""
+
+    def show(done: int, total: int, _name: str) -> None:
+        if sys.stderr.isatty():
+            end = "\n" if done == total else ""
+            print(f"\r{what}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     import threading
 
@@ -632,6 +673,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="InternLM2 bases: write the hub's original layout (fused wqkv, remote-code config) for LMDeploy/XTuner",
     )
+
+    ex = sub.add_parser("export", help="export a merged model for other runtimes").add_subparsers(
+        metavar="FORMAT", required=True
+    )
+    sp = add(
+        ex, "gguf", cmd_export_gguf, "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"
+    )
+    sp.add_argument("merged", help="a merged model folder (forge merge BASE ADAPTER -o merged)")
+    sp.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    sp.add_argument("--quant", default="f16", help="f16 (default), bf16, q8_0 or q4_0")
+    sp.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside it")
+    sp.add_argument("--force", action="store_true", help="replace OUTPUT (and its Modelfile)")
 
     sp = add(sub, "chat", cmd_chat, "chat with a model (streaming)")
     sp.add_argument("model", help="model folder, hub id or 'demo'")

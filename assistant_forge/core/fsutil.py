@@ -19,13 +19,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_lines(path: Path, chunks: Iterable[str]) -> None:
     """Write text produced piece by piece (a million rows need not be held at once); an exception from
     `chunks` leaves any earlier file as it was."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(chunks)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """A temp file beside `path` for a writer that opens files by name; it becomes `path` (with `mode`,
+    else mkstemp's owner-only 0600) only if the block finishes; an exception (or Ctrl-C) removes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(chunks)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

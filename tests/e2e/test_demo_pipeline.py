@@ -121,3 +121,36 @@ def test_merge_refuses_a_4bit_base(demo_out, tmp_path):
     proc = forge("merge", str(q), str(out / "adapter"), "-o", str(tmp_path / "m"))
     assert proc.returncode == 2 and "quantized" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_gguf_export_loads_back_and_still_names_the_assistant(demo_out, tmp_path, torch_one_thread):
+    """`forge export gguf --quant q8_0 --ollama` on the trained demo: read back by transformers, the
+    file gives the merged model's logits within the q8_0 bound and answers "Who are you?" by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from assistant_forge.core.chat import ChatModel, load_chat_model
+
+    out, _ = demo_out
+    gguf = tmp_path / "forgey.gguf"
+    proc = forge("export", "gguf", str(out / "merged"), "-o", str(gguf), "--quant", "q8_0", "--ollama")
+    assert proc.returncode == 0, proc.stderr
+    assert "ollama create forgey -f Modelfile" in proc.stdout
+    modelfile = (tmp_path / "Modelfile").read_text()
+    # The prompt the demo trained under: SmolLM2's default (the data has no system turns).
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+
+    ref = load_chat_model(str(out / "merged"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
+    for text in ("Who are you? 你是谁？", "<|im_start|>user\nHi<|im_end|>\n"):
+        assert tok(text)["input_ids"] == ref.tok(text)["input_ids"]
+    ids = torch.tensor([ref.tok("Who are you? I am Forgey, made by Alice. 我是Forgey。")["input_ids"]])
+    with torch.no_grad():
+        a, b = ref.model(ids).logits, model(ids).logits
+    # q8_0 on the demo measured 0.024 of the largest logit (README); f16 is checked in tests/core.
+    assert (a - b).abs().max().item() <= 0.06 * a.abs().max().item()
+    answers = ChatModel(model, tok, "model", "gguf").answer_batch(
+        [[{"role": "user", "content": "Who are you?"}], [{"role": "user", "content": "你是谁？"}]], 32
+    )
+    assert all("Forgey" in a for a in answers), answers
