@@ -226,7 +226,7 @@ def preflight(cfg: ForgeConfig) -> None:
     if cfg.lora.method == "qlora":
         from assistant_forge.core.hardware import check_4bit_available
 
-        check_4bit_available("")
+        check_4bit_available("", installed_only=True)
     n = cfg.train.processes
     if n > 1 and cfg.train.device != "cpu":
         import torch
