@@ -14,7 +14,8 @@ wrap_for_training -> fast.after_peft) when that module imports, else by the same
 the variants then only change the checkpointing plan (fast.configure_checkpointing) and re-init
 the adapters, so one load serves them all.
 
---check runs the fused kernels against float64 references (CPU or GPU) and exits.
+--check runs the fused kernels against float64 references (CPU or GPU) and exits; with
+--graph-check-only it then runs the CUDA graph check (GPU) too.
 Writes $OUT/gpu_train.jsonl (one line per result) and prints a table last.
 """
 
@@ -693,7 +694,9 @@ def main() -> int:
     ap.add_argument("--modes", default="compiled,eager", help="forge layers: compiled and/or eager")
     ap.add_argument("--eager-variants", default="all+devopt", help="plans run with eager layers")
     ap.add_argument("--compiled-variants", default="", help="plans run with compiled layers (default: all)")
-    ap.add_argument("--check", action="store_true", help="only the kernel checks")
+    ap.add_argument(
+        "--check", action="store_true", help="only the kernel checks (with --graph-check-only: both)"
+    )
     ap.add_argument("--graph-check", action="store_true", help="CUDA graphs against the plain path first")
     ap.add_argument("--graph-check-only", action="store_true", help="only the CUDA graph check")
     ap.add_argument("--rounds", type=int, default=1, help="run the variant list this many times")
@@ -701,13 +704,16 @@ def main() -> int:
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    checked = True
     if a.check:
-        return 0 if check(None) else 1
+        checked = check(None)
+        if not a.graph_check_only:
+            return 0 if checked else 1
     import torch
 
     log(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
-    if a.graph_check_only:
-        return 0 if graph_check(out) else 1
+    if a.graph_check_only:  # after --check's kernel checks when both are given
+        return 0 if graph_check(out) and checked else 1
     check(out)
     if a.graph_check and not graph_check(out):
         log("CUDA graph check FAILED")

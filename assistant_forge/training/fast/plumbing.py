@@ -13,20 +13,21 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 if TYPE_CHECKING:
     from assistant_forge.training.fast.graphs import LayerGraphs
+    from assistant_forge.training.fast.optimizer import FlatParams
 
 T = TypeVar("T")
 
 _MADE: dict[Any, Any] = {}
 
 
-def once(make: Callable[[], T], key: Any = None) -> T:
+def once(make: Callable[..., T], key: Any = None) -> T:
     """make() on the first call (per key), the same object after. A plain dict rather than
     functools.cache: torch.compile traces a dict lookup, but would re-run the factory inside a
     compiled layer."""
     k = make if key is None else (make, key)
     made = _MADE.get(k)
     if made is None:
-        made = _MADE[k] = make() if key is None else make(key)  # type: ignore[call-arg]
+        made = _MADE[k] = make() if key is None else make(key)
     return made
 
 
@@ -83,7 +84,7 @@ class SpeedReport:
     def __post_init__(self) -> None:
         # The optimizer's flat buffer (fast.optimizer.FlatParams), made once; not a field, so
         # as_dict leaves it out.
-        self._flat: Any = None
+        self._flat: FlatParams | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
