@@ -9,12 +9,13 @@ double quantization, bf16 compute, LoRA r 64 / alpha 16 on all linear layers, pa
 grad-norm clip 1.0, 2 warm-up steps, then the median of the timed steps. Peaks are torch's
 max_memory_allocated / max_memory_reserved over the steps (the peer's also over its loading).
 
-forge's model is built by training.modeling (load_base -> speed.apply_speedups ->
-wrap_for_training -> speed.after_peft) when that module imports, else by the same sequence here;
-the variants then only change the checkpointing plan (speed.configure_checkpointing) and re-init
+forge's model is built by training.modeling (load_base -> fast.apply_speedups ->
+wrap_for_training -> fast.after_peft) when that module imports, else by the same sequence here;
+the variants then only change the checkpointing plan (fast.configure_checkpointing) and re-init
 the adapters, so one load serves them all.
 
---check runs the fused kernels against float64 references (CPU or GPU) and exits.
+--check runs the fused kernels against float64 references (CPU or GPU) and exits; with
+--graph-check-only it then runs the CUDA graph check (GPU) too.
 Writes $OUT/gpu_train.jsonl (one line per result) and prints a table last.
 """
 
@@ -150,7 +151,7 @@ def build_forge(cfg: Any, ref_ids: Any) -> tuple[Any, dict[str, Any]]:
     """forge's model via training.modeling when it imports; info has the unpatched reference loss."""
     import torch
 
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     info: dict[str, Any] = {}
     try:
@@ -171,9 +172,9 @@ def build_forge(cfg: Any, ref_ids: Any) -> tuple[Any, dict[str, Any]]:
     info["ref_loss_hf_bf16"] = round(out.loss.item(), 5)
     del out
     torch.cuda.empty_cache()
-    model = speed.apply_speedups(model, cfg)
+    model = fast.apply_speedups(model, cfg)
     model = wrap(model, cfg)
-    model = speed.after_peft(model, cfg)
+    model = fast.after_peft(model, cfg)
     return model, info
 
 
@@ -232,11 +233,11 @@ def train_steps(
     """The peer's exact loop: same ids, optimizer update, clipping, warm-up and median."""
     import torch
 
-    from assistant_forge.training import layer_graphs, speed
+    from assistant_forge.training import fast
 
     params = [p for p in model.parameters() if p.requires_grad]
     # bitsandbytes' AdamW default weight decay is 1e-2; the on-device swap keeps it.
-    opt = speed.make_optimizer(model, cfg, params, lr=2e-4, weight_decay=1e-2)
+    opt = fast.make_optimizer(model, cfg, params, lr=2e-4, weight_decay=1e-2)
     model.train()
     g = torch.Generator(device="cuda").manual_seed(0)
     times, losses = [], []
@@ -275,8 +276,8 @@ def train_steps(
     # CUDA graphs replay in a private pool that torch's allocated figure does not see while they
     # run: from the capture step on, the peak counts that pool on top (for the capture step an
     # upper bound, as its allocations from the pool were counted too).
-    plan = layer_graphs.plan_of(speed.decoder_layers(model))
-    pool = layer_graphs.pool_bytes(plan)
+    plan = fast.graph_plan(model)
+    pool = fast.graph_pool_bytes(model)
     peak = max(phase_peaks[0], phase_peaks[1] + pool, phase_peaks[2] + pool)
     res = {
         "step_s_median": round(statistics.median(sorted(times)), 4),
@@ -348,7 +349,7 @@ def run_forge(
     import torch
 
     from assistant_forge.core import memory as mem
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     vocab = SHAPES[shape]["vocab_size"]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -357,7 +358,7 @@ def run_forge(
     mode = "compiled" if compiled else "eager"
     torch.cuda.reset_peak_memory_stats()
     model, info = build_forge(cfg, ref_ids)
-    rep = speed.report(model)
+    rep = fast.report(model)
     emit(
         out,
         {
@@ -423,10 +424,10 @@ def run_forge(
                 try:
                     reset_adapters(model, dropout)
                     if not group:
-                        speed.patch_lora_layers(model, group=False)
+                        fast.patch_lora_layers(model, group=False)
                     if norm:
-                        speed.set_rms_norm_impl(model, norm)
-                    est = speed.configure_checkpointing(model, cfg, seq_len=seq, **kw)
+                        fast.set_rms_norm_impl(model, norm)
+                    est = fast.configure_checkpointing(model, cfg, seq_len=seq, **kw)
                     prof = out / f"profile_{shape}_{seq}.txt" if do_profile and name == "auto@peer" else None
                     rec.update(train_steps(model, cfg, vocab, seq, steps[seq], prof))
                     rec.update(
@@ -450,9 +451,9 @@ def run_forge(
                     gc.collect()
                     torch.cuda.empty_cache()
                 if norm:
-                    speed.set_rms_norm_impl(model, "liger")
+                    fast.set_rms_norm_impl(model, "liger")
                 if not group:
-                    speed.patch_lora_layers(model)
+                    fast.patch_lora_layers(model)
                 emit(out, rec)
     # How good the estimate is at other plans of the same model is in the records above.
     _ = mem
@@ -481,7 +482,7 @@ def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
     recomputes the forward's dropout masks (other masks would move the gradients by far more)."""
     import torch
 
-    from assistant_forge.training import layer_graphs, speed
+    from assistant_forge.training import fast
 
     ckpt = make_checkpoint("tiny")
     vocab = SHAPES["tiny"]["vocab_size"]
@@ -496,9 +497,9 @@ def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
         for graphs in (False, True):
             reset_adapters(model, dropout)
             cfg.train.checkpoint_policy = "all"
-            speed.configure_checkpointing(model, cfg, seq_len=seq, optimizer_on_device=True, graphs=graphs)
+            fast.configure_checkpointing(model, cfg, seq_len=seq, optimizer_on_device=True, graphs=graphs)
             params = [p for p in model.parameters() if p.requires_grad]
-            opt = speed.make_optimizer(model, cfg, params, lr=2e-4, weight_decay=1e-2)
+            opt = fast.make_optimizer(model, cfg, params, lr=2e-4, weight_decay=1e-2)
             torch.manual_seed(1)
             torch.cuda.manual_seed(1)
             model.train()
@@ -513,11 +514,11 @@ def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
             for k in range(steps):
                 last = k == steps - 1
                 losses.append(one_step(model, opt, params, ids_all[k], keep_grads if last else None).item())
-            plan = layer_graphs.plan_of(speed.decoder_layers(model))
+            plan = fast.graph_plan(model)
             runs[graphs] = {
                 "losses": losses,
                 "grads": grads[0],
-                "graphed": speed.report(model).graphed_layers,
+                "graphed": fast.report(model).graphed_layers,
                 "captured": plan.captured if plan else 0,
                 "failed": plan.failed if plan else None,
             }
@@ -576,7 +577,7 @@ def make_base(din: int, dout: int, quant: bool, dev: str) -> Any:
 def check(out: Path | None) -> bool:
     import torch
 
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ok = True
@@ -592,12 +593,12 @@ def check(out: Path | None) -> bool:
             din, dout, r, m_tok = (1024, 768, 64, 777) if dev == "cuda" else (256, 192, 16, 99)
             outs = [dout] if n == 1 else [dout, dout // 2, dout // 2]
             bases = [make_base(din, o, quant, dev) for o in outs]
-            w_dense = torch.cat([speed._dense_weight(base, torch.bfloat16).double() for base in bases])
+            w_dense = torch.cat([fast.dense_weight(base, torch.bfloat16).double() for base in bases])
             x = torch.randn(2, m_tok, din, device=dev, dtype=torch.bfloat16, requires_grad=True)
             a = (torch.randn(n * r, din, device=dev) * 0.05).requires_grad_(True)
             bs = [(torch.randn(o, r, device=dev) * 0.05).requires_grad_(True) for o in outs]
             torch.manual_seed(7)
-            y = speed.lora_linear(x, bases if n > 1 else bases[0], a, torch.block_diag(*bs), 0.25, p)
+            y = fast.lora_linear(x, bases if n > 1 else bases[0], a, torch.block_diag(*bs), 0.25, p)
             gy = torch.randn_like(y)
             gx, ga, *gbs = torch.autograd.grad(y, (x, a, *bs), gy)
             # The masks the op drew: the same call under the same seed (its RNG use is the op's).
@@ -627,7 +628,7 @@ def check(out: Path | None) -> bool:
         w = torch.randn(vocab, 512, device=dev, dtype=torch.bfloat16) * 0.05
         labels = torch.randint(0, vocab, (1, n_tok), device=dev)
         labels[0, :100] = -100
-        loss = speed.fused_linear_cross_entropy(h, w, labels, num_items_in_batch=denom)
+        loss = fast.fused_linear_cross_entropy(h, w, labels, num_items_in_batch=denom)
         (gh,) = torch.autograd.grad(loss, h)
         hr = h.detach().double().requires_grad_(True)
         logits = (h.detach() @ w.t()).double()  # bf16-rounded logits, as transformers computes them
@@ -694,7 +695,9 @@ def main() -> int:
     ap.add_argument("--modes", default="compiled,eager", help="forge layers: compiled and/or eager")
     ap.add_argument("--eager-variants", default="all+devopt", help="plans run with eager layers")
     ap.add_argument("--compiled-variants", default="", help="plans run with compiled layers (default: all)")
-    ap.add_argument("--check", action="store_true", help="only the kernel checks")
+    ap.add_argument(
+        "--check", action="store_true", help="only the kernel checks (with --graph-check-only: both)"
+    )
     ap.add_argument("--graph-check", action="store_true", help="CUDA graphs against the plain path first")
     ap.add_argument("--graph-check-only", action="store_true", help="only the CUDA graph check")
     ap.add_argument("--rounds", type=int, default=1, help="run the variant list this many times")
@@ -702,13 +705,16 @@ def main() -> int:
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    checked = True
     if a.check:
-        return 0 if check(None) else 1
+        checked = check(None)
+        if not a.graph_check_only:
+            return 0 if checked else 1
     import torch
 
     log(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
-    if a.graph_check_only:
-        return 0 if graph_check(out) else 1
+    if a.graph_check_only:  # after --check's kernel checks when both are given
+        return 0 if graph_check(out) and checked else 1
     check(out)
     if a.graph_check and not graph_check(out):
         log("CUDA graph check FAILED")

@@ -1,7 +1,7 @@
 """GPU memory estimate for one training step, and the checkpointing plan that fits a budget.
 
 Pure arithmetic (no torch import): the app's Config screen shows `planned_memory` as you edit, and
-`assistant_forge.training.speed` uses it to decide how many decoder layers to checkpoint.
+`assistant_forge.training.fast` uses it to decide how many decoder layers to checkpoint.
 
 The numbers model forge's own fast path (bf16 residual stream, fused LoRA, chunked fused
 cross-entropy, Liger RMSNorm/RoPE/SwiGLU) and, with `fused=False`, the plain transformers + PEFT
@@ -28,12 +28,12 @@ NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 # Optimizer state bytes per trainable parameter; paged states live in CUDA unified memory, which
 # torch's allocator does not count and which spills to the host under pressure.
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
-FUSED_CE_ROWS_X_VOCAB = 1 << 23  # rows of a fused cross-entropy chunk times vocab (speed.py uses the same)
+FUSED_CE_ROWS_X_VOCAB = 1 << 23  # rows of a fused cross-entropy chunk times vocab (fast/loss.py uses it)
 OVERHEAD = int(0.15 * GIB)  # cuBLAS workspaces, RoPE tables, masks, small tensors
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 # Sibling projections that read one input: the fast path runs each adapted set as one fused op
-# (training/speed.py), its weights dequantized into one block.
+# (training/fast/lora.py), its weights dequantized into one block.
 SIBLING_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # The model shapes the estimate was checked against on an H200 (bench/gpu_train.py builds them with
@@ -151,7 +151,7 @@ class MemoryEstimate:
     absmax_cache: bool = False  # 4-bit absmax kept dequantized (counted in weights)
     zero_stage: int = 0  # DeepSpeed ZeRO stage; the estimate is then per process
     processes: int = 1
-    # Checkpointed layers replay CUDA graphs (training.layer_graphs): their inputs and two gradient
+    # Checkpointed layers replay CUDA graphs (training.fast.graphs): their inputs and two gradient
     # buffers are static (in graph_buffers, never freed), and the graphs' private pool holds one
     # layer's workspace for good, beside the loss's.
     graphs: bool = False
@@ -170,7 +170,7 @@ class MemoryEstimate:
             # (both about the same size per layer): their sum stays near the larger of the two.
             held, work = max(self.gradients, self.checkpoint_inputs), max(self.layer_workspace, self.loss)
         backward = self.static + held + self.saved_activations + work
-        # A paged optimizer stepping one flat buffer (speed.FlatParams) gathers a second copy of the
+        # A paged optimizer stepping one flat buffer (fast.optimizer.FlatParams) gathers a second copy of the
         # gradients at step time, once activations are gone (a graph pool stays).
         pool = self.layer_workspace if self.graphs else 0
         flat_step = (
@@ -382,7 +382,7 @@ def estimate_memory(
 
 
 def fast_path_configured(cfg: ForgeConfig) -> bool:
-    """Whether the config lets forge's GPU fast path run (training.speed.enabled adds: on CUDA).
+    """Whether the config lets forge's GPU fast path run (training.fast.enabled adds: on CUDA).
 
     Under DeepSpeed ZeRO it is off: DeepSpeed partitions and steps the weights the fast path reworks.
     """
@@ -390,13 +390,13 @@ def fast_path_configured(cfg: ForgeConfig) -> bool:
 
 
 def compiled_layers(cfg: ForgeConfig, fused: bool | None = None) -> bool:
-    """Whether the fast path compiles the decoder layers (training.speed.compile_layers)."""
+    """Whether the fast path compiles the decoder layers (training.fast.compile_layers)."""
     fused = fast_path_configured(cfg) if fused is None else fused
     return bool(fused and cfg.lora.method != "full" and getattr(cfg.train, "compile_layers", True))
 
 
 def graphs_configured(cfg: ForgeConfig, fused: bool | None = None) -> bool:
-    """Whether the config has checkpointed layers replay CUDA graphs (training.layer_graphs): with
+    """Whether the config has checkpointed layers replay CUDA graphs (training.fast.graphs): with
     compiled layers and train.cuda_graphs on (on a GPU; the estimate assumes one)."""
     return bool(getattr(cfg.train, "cuda_graphs", True)) and compiled_layers(cfg, fused)
 

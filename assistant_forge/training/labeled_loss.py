@@ -7,7 +7,7 @@ model body runs as before, the hidden states are gathered where the shifted labe
 only those rows go through the head and the cross-entropy: the same loss (transformers'
 ForCausalLMLoss: fp32 logits, sum / num_items_in_batch or mean), the same gradients, less work.
 
-The GPU fast path (training.speed) plugs its chunked fused loss into the same forward
+The GPU fast path (training.fast) plugs its chunked fused loss into the same forward
 (`install_loss`); this loss is for models on the CPU.
 Generation and evaluation (no labels, or not training) take the model's own forward untouched.
 """

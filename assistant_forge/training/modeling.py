@@ -1,8 +1,7 @@
-"""Load the base model for training: device, precision, 4-bit quantization, LoRA, hooks for speed-ups."""
+"""Load the base model for training: device, precision, 4-bit quantization, LoRA, the fast path's hooks."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -44,15 +43,6 @@ def quantization_config(cfg: ForgeConfig, dtype: Any) -> Any:
         bnb_4bit_use_double_quant=cfg.lora.double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
-
-
-def _hook(name: str) -> Any:
-    """Optional speed-up hooks from training.speed (absent hooks are skipped)."""
-    try:
-        mod = importlib.import_module("assistant_forge.training.speed")
-    except ImportError:
-        return None
-    return getattr(mod, name, None)
 
 
 def load_base(cfg: ForgeConfig, device: str, dtype: Any) -> Any:
@@ -100,15 +90,17 @@ def build_model(cfg: ForgeConfig) -> tuple[Any, Any]:
     path = resolve_model(cfg.model.path)
     check_model_code(path, cfg.model.path, cfg.model.trust_remote_code)
     tok = load_tokenizer(path, cfg.model.chat_template, cfg.model.trust_remote_code, label=cfg.model.path)
+    # Imported here, not at the top: it imports torch, and core imports this module for
+    # check_4bit_available alone.
+    from assistant_forge.training import fast
+
     model = load_base(cfg, device, dtype)
-    if hook := _hook("apply_speedups"):
-        model = hook(model, cfg) or model
+    model = fast.apply_speedups(model, cfg)
     if device == "cpu":
         # Logits and loss only where a label is: the same loss, and ~1.2x the demo's steps per minute.
         patch_labeled_loss(model)
     model = wrap_for_training(model, cfg)
-    if hook := _hook("after_peft"):
-        model = hook(model, cfg) or model
+    model = fast.after_peft(model, cfg)
     return model, tok
 
 

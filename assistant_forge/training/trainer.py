@@ -1,28 +1,67 @@
-"""The detached trainer: a transformers Trainer writing the run-directory contract as it goes."""
+"""The detached trainer: a transformers Trainer writing the run-directory contract as it goes.
+
+A run, in order (`python -m assistant_forge.training RUN` -> main -> train_run):
+
+    main                 lock the run (core.runs.RunLock), status "running"; any failure ends as a
+                         status with one readable reason (_explain), details in error.log
+    train_run
+      _conversations     data files mixed (core.mixing), rank 0 first, the others read its cache
+      build_model        training.modeling: load_base -> fast.apply_speedups (fused loss, Liger)
+                         -> wrap_for_training (PEFT) -> fast.after_peft (fused LoRA forwards,
+                         compiled layers, the checkpointing plan fitted to the memory budget)
+      build_replay       the base model's own answers, mixed in against forgetting
+      _samples, pack     token ids and labels (training.data), packed into rows
+      fast.make_optimizer, fast.training_args_overrides   on the GPU fast path: the plan's optimizer
+      ForgeTrainer(...).train(resume_from_checkpoint=...)  transformers' loop:
+
+One optimizer step inside Trainer.train, and where each piece lives:
+
+    1. callbacks.on_step_begin        faults.FaultInjection, added only under FORGE_TEST_FAULT
+    2. per micro-batch (train.grad_accum): Trainer.training_step, forward then backward, through
+       three patched forwards:
+         causal LM forward             labeled_loss.install_loss: the loss without full logits
+                                       (fast.loss on the GPU, labeled_loss on the CPU)
+         each decoder layer            fast.checkpoint._layer_forward, as its LayerPlan says:
+                                       compiled or eager; checkpointed layers under forge's
+                                       recompute, or replaying CUDA graphs (fast.graphs)
+         each LoRA projection          fast.lora._lora_forward: one fused op per projection group
+       backward re-runs the checkpointed layers (or replays their backward graphs)
+    3. gradient clipping (train.max_grad_norm), then optimizer.step: on the fast path its
+       pre/post hooks gather the gradients into one flat buffer and free it (fast.optimizer);
+       then the learning-rate scheduler
+    4. callbacks.on_step_end          RunCallback: sample answers every eval.sample_every, a stop
+                                       request (SIGTERM) turned into "save, then stop"
+    5. every train.logging_steps      RunCallback.on_log: events.jsonl, status.json, train.log line
+    6. every train.save_steps, at the last step, on stop: ForgeTrainer._save_checkpoint (saving.py)
+       writes into a staging folder (its _get_output_dir), marks it complete and renames it to
+       checkpoint-N; FaultInjection may pause it between weights and optimizer state
+
+After the loop: RunCallback.on_train_end (final samples), the tokenizer saved beside the
+checkpoints, and main's final status ("finished", "stopped" or "failed").
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+import torch
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from assistant_forge.core.chat import generate_answers
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import with_system
-from assistant_forge.core.fsutil import append_jsonl, atomic_write_json, atomic_write_jsonl, restrict_umask
+from assistant_forge.core.fsutil import append_jsonl, atomic_write_jsonl, restrict_umask
 from assistant_forge.core.models import quiet_transformers
 from assistant_forge.core.runs import (
-    COMPLETE_MARKER,
     RunLock,
     complete_checkpoints,
     now_iso,
@@ -33,7 +72,7 @@ from assistant_forge.core.runs import (
     zero_preflight,
 )
 from assistant_forge.errors import ForgeError
-from assistant_forge.training import distributed, layer_graphs, speed, zero
+from assistant_forge.training import distributed, fast, faults, zero
 from assistant_forge.training.data import (
     FlatCollator,
     encode_dataset,
@@ -42,6 +81,7 @@ from assistant_forge.training.data import (
     replay_draw,
 )
 from assistant_forge.training.modeling import build_model, pick_device
+from assistant_forge.training.saving import ForgeTrainer, as_disk_full, remove_stale_staging
 
 ERROR_LOG = "error.log"
 OOM_ADVICE = (
@@ -68,178 +108,12 @@ class StopRequested:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-# --- test-only fault injection ---------------------------------------------------------------------
-# FORGE_TEST_FAULT="<what>@<step>[,...]" makes tests/faults reproduce failures for real on a CPU:
-#   oom@N         raises a real torch.OutOfMemoryError inside training step N (no GPU to exhaust on CPU)
-#   fsize=B@N     from training step N on, no file may grow past B bytes (RLIMIT_FSIZE: writes fail, EFBIG)
-#   pause_save@N  sleeps inside the save of checkpoint N, after its weights and before its optimizer state,
-#                 so a test can kill the trainer while a checkpoint is half written
-# Unset (always, outside tests) it costs one dict lookup per step.
-
-
-def _faults() -> dict[str, tuple[str, int]]:
-    out = {}
-    for item in filter(None, os.environ.get("FORGE_TEST_FAULT", "").split(",")):
-        what, _, step = item.partition("@")
-        name, _, arg = what.partition("=")
-        out[name.strip()] = (arg, int(step))
-    return out
-
-
-def _fault(name: str, step: int) -> None:
-    fault = _faults().get(name)
-    if fault is None or fault[1] != step:
-        return
-    arg = fault[0]
-    print(f"test fault: {name} at step {step}", flush=True)
-    if name == "oom":
-        import torch
-
-        raise torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 20.00 GiB (injected by FORGE_TEST_FAULT)"
-        )
-    if name == "fsize":
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_FSIZE, (int(arg), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    if name == "pause_save":
-        time.sleep(float(arg or 600))
-
-
-# --- atomic checkpoints ----------------------------------------------------------------------------
-
-STAGING_PREFIX = ".saving-"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in [*folder.rglob("*"), folder]:
-        _fsync(p)
-
-
-def remove_stale_staging(checkpoints: Path) -> None:
-    """Half-written saves of a trainer that was killed; only the lock holder calls this."""
-    for d in checkpoints.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(d, ignore_errors=True)
-
-
-class ForgeTrainer(Trainer):
-    """A Trainer whose checkpoints appear whole or not at all.
-
-    Trainer writes each checkpoint into a hidden staging folder beside the others; once every file is
-    written and synced, the completeness marker goes in and the folder is renamed to checkpoint-N in one
-    step. A trainer killed mid-save leaves only a staging folder, which nothing reads and the next trainer
-    removes. The marker stays the test of completeness (checkpoints of older versions carry it too).
-    """
-
-    _staging: str | None = None
-
-    def _get_output_dir(self, trial: Any) -> str:
-        return self._staging or super()._get_output_dir(trial)
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        _fault("oom", self.state.global_step + 1)
-        _fault("fsize", self.state.global_step + 1)
-        return super().training_step(*args, **kwargs)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        _fault("pause_save", self.state.global_step)
-        super()._save_optimizer_and_scheduler(output_dir)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        from transformers.trainer_utils import rotate_checkpoints
-
-        root = Path(self.args.output_dir)
-        main_rank = distributed.is_main()
-        final = root / f"checkpoint-{self.state.global_step}"
-        staging = None
-        if main_rank:
-            root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{self.state.global_step}-"))
-        # Every process writes into rank 0's staging folder (each its own RNG state).
-        staging = Path(distributed.broadcast(str(staging) if staging else ""))
-        self._staging = str(staging)
-        t0 = time.time()
-        try:
-            super()._save_checkpoint(model, trial)
-            distributed.barrier()
-            if main_rank:
-                written = staging / final.name
-                atomic_write_json(
-                    written / COMPLETE_MARKER, {"step": self.state.global_step, "time": now_iso()}
-                )
-                _fsync_tree(written)
-                if final.exists():  # an incomplete leftover of the same step
-                    shutil.rmtree(final)
-                os.replace(written, final)
-                _fsync(root)
-                print(f"{final.name} saved in {time.time() - t0:.1f} s", flush=True)
-        except Exception as e:
-            disk_full = _as_disk_full(e, root)
-            if disk_full is e:
-                raise
-            raise disk_full from e
-        finally:
-            self._staging = None
-            if main_rank:
-                shutil.rmtree(staging, ignore_errors=True)
-        distributed.barrier()
-        if not main_rank:
-            return
-        rotate_checkpoints(
-            output_dir=str(root),
-            save_total_limit=self.args.save_total_limit,
-            best_model_checkpoint=self.state.best_model_checkpoint,
-            use_mtime=False,
-        )
-
-
-_DISK_FULL_TEXT = (
-    "no space left on device",
-    "file too large",
-    "disk quota exceeded",
-    "storagefull",
-    "filetoolarge",
-)
-
-
-def _as_disk_full(e: BaseException, folder: Path | None = None) -> BaseException:
-    """safetensors and torch.save report a full disk as their own error types; make it an OSError again.
-
-    torch.save may say no more than "unexpected pos 382144 vs 382036": when a write into `folder` failed
-    and its filesystem has (almost) no space left, that was the cause.
-    """
-    if isinstance(e, OSError):
-        return e
-    text = str(e).lower()
-    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        if os.strerror(code).lower() in text:
-            return OSError(code, os.strerror(code))
-    if any(t in text for t in _DISK_FULL_TEXT):
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    with contextlib.suppress(OSError):
-        if folder is not None and shutil.disk_usage(folder).free < 16 * 2**20:
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return e
-
-
 def _mem_gib(model: Any = None) -> float | None:
     """Peak GPU memory so far: torch's allocated peak, plus the private pool the CUDA-graphed layers
     replay in (torch's allocated figure does not see it while they run)."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
-    pool = (
-        layer_graphs.pool_bytes(layer_graphs.plan_of(speed.decoder_layers(model))) if model is not None else 0
-    )
+    pool = fast.graph_pool_bytes(model) if model is not None else 0
     return round((torch.cuda.max_memory_allocated() + pool) / 2**30, 2)
 
 
@@ -385,8 +259,6 @@ def replay_batch(model: Any, cfg: ForgeConfig, prompt_tokens: int = 128) -> int:
     the batch, so bigger is faster: on a CPU one batch of 64 (demo model, 71 prompts: 25 s instead of
     36 s at 16, the same greedy answers); on a GPU as many as the KV cache fits into half the memory
     the budget leaves free (7B at a 7 GiB budget: ~9; a whole H200: 64)."""
-    import torch
-
     if pick_device(cfg) == "cpu" or not torch.cuda.is_available():
         return 64
     c = model.config
@@ -394,7 +266,7 @@ def replay_batch(model: Any, cfg: ForgeConfig, prompt_tokens: int = 128) -> int:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     per_seq = 2 * c.num_hidden_layers * kv_heads * head_dim * 2 * (prompt_tokens + cfg.eval.max_new_tokens)
-    free = speed.memory_budget_bytes(cfg) - torch.cuda.memory_allocated()
+    free = fast.memory_budget_bytes(cfg) - torch.cuda.memory_allocated()
     return max(1, min(64, int(free * 0.5 // per_seq)))
 
 
@@ -425,8 +297,6 @@ def _samples(cfg: ForgeConfig, tok: Any, conversations: Any, extra: list[dict]) 
 
 
 def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) -> TrainingArguments:
-    import torch
-
     t = cfg.train
     precision = t.precision
     if precision == "auto":
@@ -475,8 +345,6 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
 
 def train_run(run: Path, resume: bool = False) -> str:
     """Train the run in this process; returns the final state. The caller holds the run lock."""
-    import torch
-
     quiet_transformers()  # progress bars make train.log unreadable; events.jsonl has the progress
     cfg = run_config(run)
     # Also for a trainer started without `forge train` (python -m assistant_forge.training).
@@ -525,17 +393,17 @@ def train_run(run: Path, resume: bool = False) -> str:
         remove_stale_staging(run / "checkpoints")
     overrides: dict[str, Any] = {}
     optimizers: tuple[Any, Any] = (None, None)
-    if speed.enabled(model, cfg):
+    if fast.enabled(model, cfg):
         # The fast path fitted checkpointing and the optimizer to the memory budget; keep its plan.
-        overrides = speed.training_args_overrides(cfg, model)
+        overrides = fast.training_args_overrides(cfg, model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizers = (
-            speed.make_optimizer(
+            fast.make_optimizer(
                 model, cfg, trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
             ),
             None,
         )
-        say(f"fast path: {speed.report(model).as_dict()}", flush=True)
+        say(f"fast path: {fast.report(model).as_dict()}", flush=True)
     if stage:
         # Made after the model is loaded, so transformers loads it whole in each process (no
         # zero.Init): the replay answers above came from the whole model, and DeepSpeed shards it
@@ -544,7 +412,7 @@ def train_run(run: Path, resume: bool = False) -> str:
         overrides["deepspeed"] = zero.deepspeed_config(stage)
     # Compiled layers see one shape when every micro-batch is padded to the most a step can hold: no
     # recompiles, and CUDA-graphed layers replay on every micro-batch (best-fit rows are ~99% full).
-    pad_to = cfg.data.max_length * cfg.train.micro_batch_size if speed.report(model).compiled_layers else 0
+    pad_to = cfg.data.max_length * cfg.train.micro_batch_size if fast.report(model).compiled_layers else 0
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     collator = FlatCollator(pad_to, pad_id or 0)
     trainer = ForgeTrainer(
@@ -556,6 +424,8 @@ def train_run(run: Path, resume: bool = False) -> str:
         optimizers=optimizers,
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per step instead
+    if injected := faults.requested():  # tests/faults only
+        trainer.add_callback(faults.FaultInjection(trainer, injected))
     checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     # Keep the tokenizer (with the pipeline's template) beside the newest checkpoint for `forge convert`.
@@ -592,8 +462,6 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(e)
     except Exception as e:  # every failure ends as a status the watchers can show
         reason = _explain(e)
-        import traceback
-
         # The details go to error.log, not train.log: `forge train` shows train.log, and people get one sentence.
         with (
             contextlib.suppress(OSError),
@@ -622,17 +490,13 @@ def _quiet(*_args: Any, **_kw: Any) -> None:
 
 
 def _pid() -> int:
-    import os
-
     return os.getpid()
 
 
 def _explain(e: BaseException) -> str:
-    import torch
-
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return OOM_ADVICE
-    e = _as_disk_full(e)
+    e = as_disk_full(e)
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({e.strerror}); free space and resume with `forge train --resume`"
     if isinstance(e, OSError) and e.errno == errno.EFBIG:

@@ -1,4 +1,4 @@
-"""CUDA graphs for checkpointed layers (training.layer_graphs): what decides that a layer call can
+"""CUDA graphs for checkpointed layers (training.fast.graphs): what decides that a layer call can
 replay graphs, and the memory plans that use them. Capture and replay need a GPU: bench/gpu_train.py
 --graph-check compares graphed and plain training there (losses and gradients; bench/RESULTS.md)."""
 
@@ -23,7 +23,7 @@ def _kwargs(seq: int = 8, requires_grad: bool = False) -> dict:
 
 
 def test_signature_describes_one_fixed_computation() -> None:
-    from assistant_forge.training.layer_graphs import _signature
+    from assistant_forge.training.fast.graphs import _signature
 
     hidden = torch.zeros(1, 8, 16)
     a, b = _signature(hidden, _kwargs()), _signature(torch.ones(1, 8, 16), _kwargs())
@@ -38,12 +38,11 @@ def test_signature_describes_one_fixed_computation() -> None:
 
 
 def test_attach_gives_no_graphs_off_a_gpu() -> None:
-    from assistant_forge.training import layer_graphs
+    from assistant_forge.training.fast import graphs
 
     layers = [torch.nn.Linear(4, 4) for _ in range(3)]
-    assert layer_graphs.attach(layers, 3, rng=False) == 0
-    assert all(layer._forge_graphs is None for layer in layers)
-    assert layer_graphs.plan_of(layers) is None and layer_graphs.pool_bytes(None) == 0
+    assert graphs.attach(layers, 3, rng=False) == []
+    assert graphs.plan_of(layers) is None and graphs.pool_bytes(None) == 0
 
 
 LLAMA7B = mem.REFERENCE_SHAPES["7b"]

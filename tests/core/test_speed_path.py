@@ -1,4 +1,4 @@
-"""forge's GPU fast path (training/speed.py), run on the CPU with `force=True`: a tiny random Llama,
+"""forge's GPU fast path (training/fast/), run on the CPU with `force=True`: a tiny random Llama,
 4-bit through bitsandbytes' CPU kernels, LoRA with dropout. What is checked is the math and the
 plumbing (fused LoRA, fused loss, checkpoint plan, compiled layers), not the speed."""
 
@@ -39,7 +39,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def build(
     path: Path, *, method: str = "qlora", dropout: float = 0.1, fast: bool, compile_layers: bool = False
 ):
-    from assistant_forge.training import modeling, speed
+    from assistant_forge.training import fast, modeling
 
     cfg = ForgeConfig()
     cfg.model.path = str(path)
@@ -50,11 +50,11 @@ def build(
     torch.manual_seed(0)  # same LoRA A init in every build
     model = modeling.load_base(cfg, "cpu", torch.float32)
     if fast:
-        model = speed.apply_speedups(model, cfg, force=True, liger=False)
+        model = fast.apply_speedups(model, cfg, force=True, liger=False)
     model = modeling.wrap_for_training(model, cfg)
     if fast:
-        model = speed.after_peft(model, cfg, force=True)
-        speed.configure_checkpointing(model, cfg, checkpointed_layers=1)
+        model = fast.after_peft(model, cfg, force=True)
+        fast.configure_checkpointing(model, cfg, checkpointed_layers=1)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # non-zero B, so the adapter's path shows in the loss
@@ -87,16 +87,16 @@ def test_fast_path_matches_peft_without_dropout(tiny_llama: Path) -> None:
 
 
 def test_checkpoint_plan_recomputes_only_the_planned_layers(tiny_llama: Path) -> None:
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     model = build(tiny_llama, fast=True)
-    layers = speed.decoder_layers(model)
+    layers = fast.decoder_layers(model)
     calls = [0, 0]
     for i, layer in enumerate(layers):
         layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     loss_and_grads(model)
     assert calls == [2, 1]  # layer 0 runs again in backward, layer 1 keeps its activations
-    assert speed.report(model).checkpointed_layers == 1
+    assert fast.report(model).checkpointed_layers == 1
     # Without grad (generation during training) nothing is checkpointed or recomputed.
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]))
@@ -114,10 +114,10 @@ def fused_calls(model) -> tuple[int, float, dict[str, torch.Tensor]]:
 def test_sibling_projections_run_as_one_group(tiny_llama: Path) -> None:
     """q/k/v and gate/up read one input and run as one fused op each (4 ops a layer, not 7) with
     the same loss and gradients as one op per projection; no group holds tensors after a step."""
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     model = build(tiny_llama, dropout=0.0, fast=True)
-    attn = speed.decoder_layers(model)[1].self_attn
+    attn = fast.decoder_layers(model)[1].self_attn
     outs = {}
     for name in ("q_proj", "v_proj"):
         getattr(attn, name).register_forward_hook(lambda _m, _i, y, name=name: outs.__setitem__(name, y))
@@ -125,10 +125,11 @@ def test_sibling_projections_run_as_one_group(tiny_llama: Path) -> None:
     # q is a slice of the group's output block; v (kept by attention for backward) has its own
     # storage, so the block can be freed in a layer that is not checkpointed.
     assert outs["q_proj"]._base is not None and outs["v_proj"]._base is None
-    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get("_forge_group")) is not None}
+    fused = [f for m in model.modules() if (f := m.__dict__.get("_forge_lora")) is not None]
+    groups = {id(f.group): f.group for f in fused if f.group is not None}
     assert len(groups) == 2 * 2
     assert all(g.x is None and g.outs is None for g in groups.values())
-    speed.patch_lora_layers(model, group=False)
+    fast.patch_lora_layers(model, group=False)
     single_calls, single_loss, single = fused_calls(model)
     # Layer 0 is checkpointed: it runs twice (forward, recompute), layer 1 once.
     assert (grouped_calls, single_calls) == (3 * 4, 3 * 7)
@@ -149,7 +150,7 @@ def test_groups_with_biases_match_peft(tmp_path: Path) -> None:
     ref_loss, ref = loss_and_grads(build(tmp_path / "qwen", dropout=0.0, fast=False))
     model = build(tmp_path / "qwen", dropout=0.0, fast=True)
     loss, got = loss_and_grads(model)
-    assert sum("_forge_group" in m.__dict__ for m in model.modules()) == 2 * 5
+    assert sum(f.group is not None for m in model.modules() if (f := m.__dict__.get("_forge_lora"))) == 2 * 5
     assert abs(loss - ref_loss) < 1e-5
     assert max(rel_err(got[n], ref[n]) for n in ref) < 1e-4
 
@@ -176,11 +177,11 @@ def test_dropout_recompute_draws_the_same_masks(tiny_llama: Path) -> None:
     """With dropout, a checkpointed layer's recompute must reuse its forward's masks: the same
     seed gives the same gradients whether layer 0 is checkpointed or not."""
     from assistant_forge.core.config import ForgeConfig as _Cfg
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     model = build(tiny_llama, fast=True)
     _, ckpt = loss_and_grads(model)
-    speed.configure_checkpointing(model, _Cfg(), checkpointed_layers=0)
+    fast.configure_checkpointing(model, _Cfg(), checkpointed_layers=0)
     _, plain = loss_and_grads(model)
     _, other_seed = loss_and_grads(model, seed=6)
     assert max(rel_err(ckpt[n], plain[n]) for n in plain) < 1e-5
@@ -193,13 +194,13 @@ def test_compiled_layers_match_eager(tiny_llama: Path) -> None:
     give the eager fast path's loss and gradients, and both layers share the compiled graphs."""
     from torch._dynamo.utils import counters
 
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     torch._dynamo.reset()
     counters.clear()
     eager_loss, eager = loss_and_grads(build(tiny_llama, fast=True))
     model = build(tiny_llama, fast=True, compile_layers=True)
-    assert speed.report(model).compiled_layers == 2
+    assert fast.report(model).compiled_layers == 2
     for _ in range(2):  # the second step runs the cached graphs
         loss, got = loss_and_grads(model)
         assert abs(loss - eager_loss) < 1e-5
@@ -210,12 +211,12 @@ def test_compiled_layers_match_eager(tiny_llama: Path) -> None:
 
 
 def train_losses(model, optimizer: str, *, clear_model_grads: bool, steps: int = 4) -> list[float]:
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     cfg = ForgeConfig()
     cfg.train.optimizer = optimizer
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = speed.make_optimizer(model, cfg, params, lr=1e-2, weight_decay=0.0)
+    opt = fast.make_optimizer(model, cfg, params, lr=1e-2, weight_decay=0.0)
     ids = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(steps):  # the same batch: the loss must fall
@@ -231,13 +232,13 @@ def train_losses(model, optimizer: str, *, clear_model_grads: bool, steps: int =
 
 
 def test_flat_optimizer_leaves_no_stale_gradients(tiny_llama: Path) -> None:
-    """bitsandbytes optimizers step one flat buffer (speed.FlatParams): a loop that clears grads
+    """bitsandbytes optimizers step one flat buffer (fast.FlatParams): a loop that clears grads
     only through the optimizer must train exactly like one that also clears the model's."""
-    from assistant_forge.training import speed
+    from assistant_forge.training import fast
 
     model = build(tiny_llama, dropout=0.0, fast=True)
     only_opt = train_losses(model, "adamw_8bit", clear_model_grads=False)
-    assert speed.report(model)._flat is not None  # the flat path really ran
+    assert fast.report(model)._flat is not None  # the flat path really ran
     assert all(p.grad is None for p in model.parameters())
     both = train_losses(build(tiny_llama, dropout=0.0, fast=True), "adamw_8bit", clear_model_grads=True)
     assert only_opt == both

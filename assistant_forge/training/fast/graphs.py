@@ -1,4 +1,4 @@
-"""CUDA graphs for the checkpointed decoder layers of forge's fast path.
+"""CUDA graphs for the checkpointed decoder layers of forge's fast path (used by fast.checkpoint).
 
 Why: at batch 1 and 2048 tokens a 7B QLoRA step is bound by the CPU issuing kernels (about 200 ms
 of GPU work in a 310 ms step, bench/RESULTS.md): every compiled layer call evaluates ~1700 dynamo
@@ -27,16 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+
+from assistant_forge.training.fast.plumbing import layer_plan, once
 
 log = logging.getLogger(__name__)
 
 
-def _signature(hidden: Any, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+def _signature(hidden: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     """A hashable description of one layer call, or None when it cannot be graphed."""
-    import torch
-    from torch.utils._pytree import tree_flatten
-
     if not isinstance(hidden, torch.Tensor):
         return None
     leaves, spec = tree_flatten(kwargs)
@@ -57,9 +61,7 @@ class GraphPlan:
     """What the graphed layers of one model share: the pool, the capture stream, the static
     buffers of the one graphed signature, and whether graphs are still on."""
 
-    def __init__(self, num_layers: int, device: Any, rng: bool) -> None:
-        import torch
-
+    def __init__(self, num_layers: int, device: torch.device, rng: bool) -> None:
         self.num_layers = num_layers
         self.scratch_numel = 1  # the largest graphed layer's adapter size (attach sets it)
         self.device = device
@@ -67,10 +69,10 @@ class GraphPlan:
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
         self.signature: tuple[Any, ...] | None = None
-        self.hidden: list[Any] = []  # layer i reads hidden[i] and its forward writes hidden[i + 1]
-        self.grad: list[Any] = []  # output gradients, two buffers used in turn
-        self.scratch: Any = None  # one layer's LoRA weight gradients, flat
-        self.kwargs: Any = None  # static copies of the layers' tensor arguments
+        self.hidden: list[torch.Tensor] = []  # layer i reads hidden[i] and its forward writes hidden[i + 1]
+        self.grad: list[torch.Tensor] = []  # output gradients, two buffers used in turn
+        self.scratch: torch.Tensor | None = None  # one layer's LoRA weight gradients, flat
+        self.kwargs: dict[str, Any] | None = None  # static copies of the layers' tensor arguments
         self._kw_static: list[Any] = []
         self._kw_source: list[Any] = []
         self.failed: str | None = None
@@ -78,10 +80,7 @@ class GraphPlan:
 
     # -- static buffers --------------------------------------------------------------------
 
-    def adopt(self, signature: tuple[Any, ...], hidden: Any, kwargs: dict[str, Any]) -> None:
-        import torch
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
+    def adopt(self, signature: tuple[Any, ...], hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         self.signature = signature
         self.hidden = [
             torch.empty_like(hidden, memory_format=torch.contiguous_format)
@@ -98,9 +97,6 @@ class GraphPlan:
         """Copy this call's tensor arguments into the static ones: always at the first layer (a
         tensor reused across steps may have changed in place), after that only tensors other than
         the ones copied (every layer of a step normally gets the same ones)."""
-        import torch
-        from torch.utils._pytree import tree_leaves
-
         for j, leaf in enumerate(tree_leaves(kwargs)):
             if isinstance(leaf, torch.Tensor) and (first or leaf is not self._kw_source[j]):
                 self._kw_static[j].copy_(leaf)
@@ -112,21 +108,17 @@ class GraphPlan:
 
     # -- capture ---------------------------------------------------------------------------
 
-    def _warm_up(self, work: Any) -> None:
+    def _warm_up(self, work: Callable[[], None]) -> None:
         """Run `work` once on the capture stream, uncaptured: libraries set up per-stream state
         (cuBLAS workspaces) on first use, and the compiler compiles for the capture's global state
         (autocast cache off), neither of which may land inside a graph."""
-        import torch
-
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.random.fork_rng(devices=[self.device]), torch.cuda.stream(self.stream):
             work()
         current.wait_stream(self.stream)
 
-    def capture(self, work: Any) -> Any:
-        import torch
-
+    def capture(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
         self._warm_up(work)
         rng = torch.cuda.get_rng_state(self.device)
         graph = torch.cuda.CUDAGraph()
@@ -144,11 +136,9 @@ class GraphPlan:
         return graph
 
 
-def _reset_generator(device: Any, state: Any) -> None:
+def _reset_generator(device: torch.device, state: torch.Tensor) -> None:
     """After a failed capture the default generator still counts offsets as inside a graph (its
     capture epilogue never ran) and refuses every later random op: give it a fresh state."""
-    import torch
-
     gen = torch.cuda.default_generators[
         device.index if device.index is not None else torch.cuda.current_device()
     ]
@@ -172,38 +162,36 @@ def _describe(e: BaseException) -> str:
 class LayerGraphs:
     """One checkpointed decoder layer's forward and backward graphs."""
 
-    def __init__(self, plan: GraphPlan, index: int, layer: Any) -> None:
+    def __init__(self, plan: GraphPlan, index: int, layer: nn.Module) -> None:
         self.plan = plan
         self.index = index
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params)
-        self.fwd: Any = None
-        self.bwd: Any = None
+        self.fwd: torch.cuda.CUDAGraph | None = None
+        self.bwd: torch.cuda.CUDAGraph | None = None
         self._ptrs: list[int] = []
         self._seen = False  # this layer ran the signature once on the plain path
-        self._rng: Any = None
-        self._autocast: tuple[bool, Any] = (False, None)
+        self._rng: torch.Tensor | None = None
+        self._autocast: tuple[bool, torch.dtype | None] = (False, None)
 
     @property
-    def _x(self) -> Any:
+    def _x(self) -> torch.Tensor:
         return self.plan.hidden[self.index]
 
     @property
-    def _y(self) -> Any:
+    def _y(self) -> torch.Tensor:
         return self.plan.hidden[self.index + 1]
 
     @property
-    def _gy(self) -> Any:
+    def _gy(self) -> torch.Tensor:
         return self.plan.grad[(self.index + 1) % 2]
 
     @property
-    def _gx(self) -> Any:
+    def _gx(self) -> torch.Tensor:
         return self.plan.grad[self.index % 2]
 
-    def _ready(self, run: Any, hidden: Any, kwargs: dict[str, Any]) -> bool:
+    def _ready(self, run: Callable[..., torch.Tensor], hidden: torch.Tensor, kwargs: dict[str, Any]) -> bool:
         """Whether this call can replay graphs (capturing them now if needed)."""
-        import torch
-
         plan = self.plan
         if plan.failed is not None or not self.params:
             return False
@@ -239,29 +227,23 @@ class LayerGraphs:
             return False
         return True
 
-    def _load(self, hidden: Any, kwargs: dict[str, Any]) -> None:
+    def _load(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         if hidden.data_ptr() != self._x.data_ptr():
             self._x.copy_(hidden)
         self.plan.load_kwargs(kwargs, first=self.index == 0)
 
-    def _autocast_ctx(self) -> Any:
-        import torch
-
+    def _autocast_ctx(self) -> torch.autocast:
         enabled, dtype = self._autocast
         return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
 
-    def _forward_work(self, run: Any) -> None:
-        import torch
-
+    def _forward_work(self, run: Callable[..., torch.Tensor]) -> None:
         with torch.no_grad(), self._autocast_ctx():
             out = run(self._x, **self.plan.kwargs)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"the layer returned {type(out).__name__}, not a tensor")
             self._y.copy_(out)
 
-    def _backward_work(self, run: Any) -> None:
-        import torch
-
+    def _backward_work(self, run: Callable[..., torch.Tensor]) -> None:
         x = self._x.detach().requires_grad_(True)
         with torch.enable_grad(), self._autocast_ctx():
             out = run(x, **self.plan.kwargs)
@@ -278,18 +260,14 @@ class LayerGraphs:
 
     # -- replay (called by _GraphedLayer) --------------------------------------------------
 
-    def replay_forward(self, hidden: Any, kwargs: dict[str, Any]) -> Any:
-        import torch
-
+    def replay_forward(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         self._load(hidden, kwargs)
         if self.plan.rng:
             self._rng = torch.cuda.get_rng_state(self.plan.device)
         self.fwd.replay()
         return self._y.detach()
 
-    def replay_backward(self, gy: Any) -> tuple[Any, list[Any]]:
-        import torch
-
+    def replay_backward(self, gy: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if gy.data_ptr() != self._gy.data_ptr():
             self._gy.copy_(gy)
         if self.plan.rng:
@@ -308,70 +286,67 @@ class LayerGraphs:
             off += p.numel()
         return self._gx.detach(), grads
 
-    def call(self, run: Any, hidden: Any, kwargs: dict[str, Any], anchor: Any) -> Any:
+    def call(
+        self,
+        run: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        kwargs: dict[str, Any],
+        anchor: torch.Tensor,
+    ) -> torch.Tensor | None:
         """The layer's output through its graphs, or None for the plain path."""
         if not self._ready(run, hidden, kwargs):
             return None
-        return _graphed_fn().apply(self, kwargs, anchor, hidden, *self.params)
+        return once(_make_graphed_fn).apply(self, kwargs, anchor, hidden, *self.params)
 
 
-_FN: list[Any] = []
-
-
-def _graphed_fn() -> Any:
-    if _FN:
-        return _FN[0]
-    import torch
-
+def _make_graphed_fn() -> type[torch.autograd.Function]:
     class _GraphedLayer(torch.autograd.Function):
         @staticmethod
         def forward(
-            ctx: Any, lg: LayerGraphs, kwargs: dict[str, Any], anchor: Any, hidden: Any, *params: Any
-        ) -> Any:
+            ctx: Any,
+            lg: LayerGraphs,
+            kwargs: dict[str, Any],
+            anchor: torch.Tensor,
+            hidden: torch.Tensor,
+            *params: torch.Tensor,
+        ) -> torch.Tensor:
             ctx.lg = lg
             return lg.replay_forward(hidden, kwargs)
 
         @staticmethod
-        def backward(ctx: Any, gy: Any) -> Any:
+        def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
             gx, grads = ctx.lg.replay_backward(gy)
             return (None, None, None, gx, *grads)
 
-    _FN.append(_GraphedLayer)
     return _GraphedLayer
 
 
-def attach(layers: list[Any], checkpointed: int, rng: bool) -> int:
-    """Give the first `checkpointed` layers graphs (a fresh plan); returns how many. Layers on a CPU
-    (or a machine without CUDA) get none."""
-    import torch
-
-    for layer in layers:
-        layer._forge_graphs = None
+def attach(layers: list[nn.Module], checkpointed: int, rng: bool) -> list[LayerGraphs]:
+    """Graphs for the first `checkpointed` layers, sharing a fresh plan. Layers on a CPU (or a
+    machine without CUDA) get none."""
     if not checkpointed or not torch.cuda.is_available():
-        return 0
+        return []
     try:
         device = next(p for p in layers[0].parameters()).device
     except StopIteration:
-        return 0
+        return []
     if device.type != "cuda":
-        return 0
+        return []
     plan = GraphPlan(len(layers), device, rng)
-    for i, layer in enumerate(layers[:checkpointed]):
-        layer._forge_graphs = LayerGraphs(plan, i, layer)
-        plan.scratch_numel = max(plan.scratch_numel, layer._forge_graphs.numel)
-    return checkpointed
+    graphs = [LayerGraphs(plan, i, layer) for i, layer in enumerate(layers[:checkpointed])]
+    plan.scratch_numel = max([plan.scratch_numel, *(g.numel for g in graphs)])
+    return graphs
 
 
-def plan_of(layers: list[Any]) -> GraphPlan | None:
-    lg = getattr(layers[0], "_forge_graphs", None) if layers else None
-    return lg.plan if lg is not None else None
+def plan_of(layers: list[nn.Module]) -> GraphPlan | None:
+    """The graph plan the layers share (None: no layer replays graphs)."""
+    lp = layer_plan(layers[0]) if layers else None
+    return lp.graphs.plan if lp is not None and lp.graphs is not None else None
 
 
 def pool_bytes(plan: GraphPlan | None) -> int:
     """Device memory the graphs' private pool holds (not in torch's allocated figures while the
     graphs replay: count it on top of max_memory_allocated)."""
-    import torch
-
     if plan is None:
         return 0
     pool = tuple(plan.pool)
