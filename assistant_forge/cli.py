@@ -30,19 +30,32 @@ def _table(
     columns: list[str], rows: list[list[Any]], title: str | None = None, whole: tuple[int, ...] = (0,)
 ) -> None:
     """A table whose `whole` columns (names and paths a user types next) are never cut or wrapped,
-    whatever the terminal's width; the other columns wrap instead."""
+    whatever the terminal's width; the other columns share what is left and fold."""
     from rich.table import Column, Table
 
+    console = _console()
+    natural = [max([len(c), *(len(str(r[i])) for r in rows)]) for i, c in enumerate(columns)]
+    chrome = 3 * len(columns) + 1  # a border and two spaces of padding per column, one border to close
+    # rich shrinks every column alike once the others cannot wrap any narrower (a timestamp is one
+    # long word), names included: capping the others' widths is what keeps names whole. The room
+    # left is shared narrowest first, so a short column keeps its width and the widest ones fold.
+    room = console.width - chrome - sum(natural[i] for i in whole)
+    others = sorted((i for i in range(len(columns)) if i not in whole), key=lambda i: natural[i])
+    cap: dict[int, int] = {}
+    for k, i in enumerate(others):
+        cap[i] = max(4, min(natural[i], room // (len(others) - k)))
+        room -= cap[i]
     cols = [
-        Column(c, no_wrap=True, min_width=max([len(c), *(len(str(r[i])) for r in rows)]))
+        Column(c, no_wrap=True, min_width=natural[i])
         if i in whole
-        else Column(c, overflow="fold")
+        else Column(c, overflow="fold", max_width=cap[i])
         for i, c in enumerate(columns)
     ]
     t = Table(*cols, title=title)
     for r in rows:
         t.add_row(*[str(c) for c in r])
-    _console().print(t)
+    # Names wider than the terminal itself: a wider table (the terminal wraps the line) rather than a cut name.
+    console.print(t, width=max(console.width, chrome + sum(cap.values()) + sum(natural[i] for i in whole)))
 
 
 # --- presets ------------------------------------------------------------------------------------
@@ -300,21 +313,24 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
     if not runs:
         print("no runs yet; start one with `forge train CONFIG`")
         return 0
+    # An eta only while a run is running; the start to the minute (MM-DD HH:MM): at 80 columns the
+    # run names, which the next command takes, keep the room.
+    eta = any(r.state == "running" for r in runs)
     rows = []
     for r in runs:
         s = r.status
-        prog = f"{s.get('step', 0)}/{s.get('total_steps', '?')}"
+        started = str(s.get("started") or "-")
         rows.append(
             [
                 r.name,
                 r.state,
-                prog,
+                f"{s.get('step', 0)}/{s.get('total_steps', '?')}",
                 s.get("loss", "-"),
-                fmt_eta(s.get("eta_s")) if r.state == "running" else "-",
-                s.get("started", "-"),
+                *([fmt_eta(s.get("eta_s")) if r.state == "running" else "-"] if eta else []),
+                started[5:16].replace("T", " ") if len(started) >= 16 else started,
             ]
         )
-    _table(["run", "state", "step", "loss", "eta", "started"], rows)
+    _table(["run", "state", "step", "loss", *(["eta"] if eta else []), "started"], rows)
     return 0
 
 

@@ -333,18 +333,20 @@ def _join(parts: list[dict]) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
+REAL_TOKENS = "forge_real_tokens"  # a collated batch's token count without padding (not a model input)
+
+
 class FlatCollator:
     """Concatenate a micro-batch of rows into one row; position ids keep samples apart.
 
     `pad_to`: pad the row to this many tokens (a last "sample" of pad tokens that carries no loss), so
     every micro-batch has one shape: compiled layers never recompile and their CUDA graphs replay on
-    every step. `tokens` counts the real tokens collated so far (the Trainer's own count would include
-    the padding, and costs a device sync per micro-batch).
+    every step. The batch carries its count of real tokens under REAL_TOKENS, for the trainer to count
+    when it trains on it (the Trainer's own count would include the padding, and syncs with the GPU).
     """
 
     def __init__(self, pad_to: int = 0, pad_id: int = 0) -> None:
         self.pad_to, self.pad_id = pad_to, pad_id
-        self.tokens = 0
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -352,8 +354,8 @@ class FlatCollator:
         ids = [t for r in rows for t in r["input_ids"]]
         labels = [t for r in rows for t in r["labels"]]
         pos = [t for r in rows for t in r["position_ids"]]
-        self.tokens += len(ids)
-        pad = self.pad_to - len(ids)
+        real = len(ids)
+        pad = self.pad_to - real
         if pad > 0:
             ids += [self.pad_id] * pad
             labels += [IGNORE] * pad
@@ -364,6 +366,7 @@ class FlatCollator:
             "position_ids": torch.tensor([pos]),
             # transformers only derives the per-sample mask from position ids when no KV cache is built.
             "use_cache": False,
+            REAL_TOKENS: real,
         }
 
 

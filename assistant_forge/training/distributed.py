@@ -66,12 +66,21 @@ def broadcast(obj: Any) -> Any:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (a stop signal reaches one process)."""
+    return bool(_all_reduce(1 if flag else 0, "MAX"))
+
+
+def sum_over_ranks(n: int) -> int:
+    """The sum of every rank's `n` (each rank calls it at the same point)."""
+    return _all_reduce(n, "SUM")
+
+
+def _all_reduce(n: int, op: str) -> int:
     if not _active():
-        return flag
+        return n
     import torch
     import torch.distributed as dist
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return int(t.item())

@@ -17,6 +17,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from assistant_forge.core.fsutil import atomic_write_json
 from assistant_forge.core.runs import COMPLETE_MARKER, now_iso
 from assistant_forge.training import distributed
+from assistant_forge.training.data import REAL_TOKENS
 
 STAGING_PREFIX = ".saving-"
 
@@ -41,7 +42,7 @@ def remove_stale_staging(checkpoints: Path) -> None:
 
 
 class ForgeTrainer(Trainer):
-    """A Trainer whose checkpoints appear whole or not at all.
+    """A Trainer whose checkpoints appear whole or not at all (and that counts real tokens, below).
 
     Trainer writes each checkpoint into a hidden staging folder beside the others; once every file is
     written and synced, the completeness marker goes in and the folder is renamed to checkpoint-N in one
@@ -50,6 +51,13 @@ class ForgeTrainer(Trainer):
     """
 
     _staging: str | None = None
+
+    def training_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        # Tokens are counted here, as the micro-batch is trained on: the collator runs ahead of the
+        # step, and the Trainer's own count includes padding and syncs with the GPU each micro-batch.
+        # state.num_input_tokens_seen is saved with each checkpoint, so a resumed run goes on counting.
+        self.state.num_input_tokens_seen += distributed.sum_over_ranks(inputs.pop(REAL_TOKENS, 0))
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging or super()._get_output_dir(trial)

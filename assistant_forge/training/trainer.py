@@ -120,10 +120,8 @@ def _mem_gib(model: Any = None) -> float | None:
 class RunCallback(TrainerCallback):
     """Writes events.jsonl, samples.jsonl and status.json; marks complete checkpoints; honours stop."""
 
-    def __init__(self, run: Path, cfg: ForgeConfig, tok: Any, collator: FlatCollator):
+    def __init__(self, run: Path, cfg: ForgeConfig, tok: Any):
         self.run, self.cfg, self.tok = run, cfg, tok
-        self.collator = collator
-        self.tokens0 = 0  # tokens seen before this process started (a resumed run)
         self.t0 = time.time()
         self.start_step = 0
         self.last = (time.time(), 0)
@@ -154,10 +152,8 @@ class RunCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         if self.main:
             self.start_step = state.global_step
-            seen = [e for e in read_jsonl(self.run / "events.jsonl") if e["step"] <= state.global_step]
-            self.tokens0 = seen[-1].get("tokens_seen", 0) if seen else 0
             self.t0 = time.time()
-            self.last = (self.t0, self.tokens0)
+            self.last = (self.t0, state.num_input_tokens_seen or 0)
             write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps)
         if state.global_step == 0:
             self._samples(model, 0, "before")
@@ -167,8 +163,7 @@ class RunCallback(TrainerCallback):
         if "loss" not in logs or not self.main:
             return
         now = time.time()
-        # Counted by the collator (real tokens, no padding); it runs a micro-batch ahead of the step.
-        tokens = self.tokens0 + self.collator.tokens
+        tokens = state.num_input_tokens_seen or 0  # real tokens, counted by ForgeTrainer.training_step
         dt = max(now - self.last[0], 1e-9)
         tps = (tokens - self.last[1]) / dt
         self.last = (now, tokens)
@@ -334,7 +329,7 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        # RunCallback counts tokens through the collator: the Trainer's count syncs with the GPU on every
+        # ForgeTrainer counts real tokens itself: the Trainer's count syncs with the GPU on every
         # micro-batch and would count padding.
         include_num_input_tokens_seen="no",
         # Data parallel: every trainable (LoRA) weight gets a gradient each step; no search needed.
@@ -420,7 +415,7 @@ def train_run(run: Path, resume: bool = False) -> str:
         args=training_args(run, cfg, device, **overrides),
         train_dataset=rows,
         data_collator=collator,
-        callbacks=[RunCallback(run, cfg, tok, collator)],
+        callbacks=[RunCallback(run, cfg, tok)],
         optimizers=optimizers,
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per step instead

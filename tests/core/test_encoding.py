@@ -3,7 +3,7 @@
 import pytest
 
 from assistant_forge.core.encoding import IGNORE, encode_chat, render_loss_preview
-from assistant_forge.training.data import FlatCollator, pack, row_order
+from assistant_forge.training.data import REAL_TOKENS, FlatCollator, pack, row_order
 
 CONVS = [
     [
@@ -75,7 +75,7 @@ def test_padding_to_a_fixed_length_changes_no_loss(demo_path, demo_tok, torch_on
     collate = FlatCollator(pad_to=256, pad_id=demo_tok.pad_token_id or 0)
     padded = collate(rows)
     real = plain["input_ids"].shape[1]
-    assert padded["input_ids"].shape == (1, 256) and collate.tokens == real < 256
+    assert padded["input_ids"].shape == (1, 256) and padded[REAL_TOKENS] == plain[REAL_TOKENS] == real < 256
     assert (padded["labels"][0, real:] == IGNORE).all()
     assert padded["position_ids"][0, real:].tolist() == list(range(256 - real))
     with torch.no_grad():
