@@ -9,7 +9,7 @@ from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import load_tokenizer
 from assistant_forge.core.hardware import check_4bit_available
 from assistant_forge.core.models import check_model_code, resolve_model
-from assistant_forge.errors import ForgeError
+from assistant_forge.errors import ForgeError, first_line
 from assistant_forge.training.labeled_loss import patch_labeled_loss
 
 
@@ -64,7 +64,7 @@ def load_base(cfg: ForgeConfig, device: str, dtype: Any) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ForgeError(f"Could not load model {cfg.model.path}: {str(e).splitlines()[0]}") from None
+        raise ForgeError(f"Could not load model {cfg.model.path}: {first_line(e)}") from None
     if cfg.lora.method == "qlora" and device == "cpu":
         keep_4bit_trainable_on_cpu(model)
     return model
@@ -136,8 +136,6 @@ def wrap_for_training(model: Any, cfg: ForgeConfig) -> Any:
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
-        raise ForgeError(
-            f"LoRA could not be applied: {str(e).splitlines()[0]} (check lora.target_modules)."
-        ) from None
+        raise ForgeError(f"LoRA could not be applied: {first_line(e)} (check lora.target_modules).") from None
     model.config.use_cache = False
     return model

@@ -71,7 +71,7 @@ from assistant_forge.core.runs import (
     write_status,
     zero_preflight,
 )
-from assistant_forge.errors import ForgeError
+from assistant_forge.errors import ForgeError, one_line
 from assistant_forge.training import distributed, fast, faults, zero
 from assistant_forge.training.data import (
     FlatCollator,
@@ -499,7 +499,7 @@ def _explain(e: BaseException) -> str:
             "a file outgrew the size limit this process may write (File too large, see `ulimit -f`); "
             "raise the limit and resume with `forge train --resume`"
         )
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return one_line(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -256,14 +256,13 @@ def configure_checkpointing(
         graphs = mem.graphs_configured(cfg) and rep.compiled_layers > 0
         graphs = graphs and next(unwrap(model).parameters()).is_cuda
     if checkpointed_layers is None:
-        if policy == "none":
-            checkpointed_layers, offload = 0, False
-        elif policy in ("all", "offload"):
-            checkpointed_layers, offload = len(layers), policy == "offload"
-        else:
+        # The same choice of plan the app shows (core.memory.planned_memory); only `auto` needs a budget.
+        budget = 0
+        if policy == "auto":
             budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(cfg)
-            est = mem.fit_checkpointing(cfg, model_config, budget, seq_len=seq_len, graphs=graphs)
-            checkpointed_layers, offload = est.checkpointed_layers, est.offload
+        est = mem.planned_memory(cfg, model_config, budget, seq_len=seq_len, graphs=graphs)
+        checkpointed_layers, offload = est.checkpointed_layers, est.offload
+        if policy == "auto":
             if optimizer_on_device is None:
                 optimizer_on_device = est.optimizer_on_device
             if absmax_cache is None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from assistant_forge.errors import one_line
 from assistant_forge.training.fast.plumbing import layer_plan, once
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def _describe(e: BaseException) -> str:
     parts, seen = [], set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        parts.append(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        parts.append(one_line(e))
         e = e.__context__
     return " <- ".join(parts)
 
