@@ -405,25 +405,12 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(a: argparse.Namespace) -> int:
-    from assistant_forge.core.gguf_export import check_quant, check_source, export_gguf
+    from assistant_forge.core.ollama import export_gguf_for
 
-    check_quant(a.quant)
-    check_source(Path(a.merged).expanduser())
-    modelfile = None
-    if a.ollama:
-        from assistant_forge.core.ollama import modelfile_for
-
-        modelfile = modelfile_for(a.merged, a.output, force=a.force)
-    r = export_gguf(
-        a.merged, a.output, quant=a.quant, force=a.force, progress=_progress_line("writing tensors")
+    done = export_gguf_for(
+        a.merged, a.output, a.quant, a.ollama, a.force, progress=_progress_line("writing tensors")
     )
-    print(f"wrote {r.path} ({r.quant}, {r.bytes / 2**20:.1f} MiB, {r.tensors} tensors, {r.seconds:.1f} s)")
-    if modelfile:
-        from assistant_forge.core.ollama import ollama_name, write_modelfile
-
-        path = write_modelfile(*modelfile)
-        print(f"wrote {path}; add it to Ollama with:")
-        print(f"  cd {path.parent} && ollama create {ollama_name(r.path)} -f Modelfile")
+    print("\n".join(done.lines()))
     return 0
 
 

@@ -28,3 +28,8 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     """An unexpected exception as one line for users: its type and the first line of its message."""
     lines = str(e).splitlines()
     return f"{type(e).__name__}: {lines[0]}"[:limit] if lines else type(e).__name__
+
+
+def user_line(e: BaseException) -> str:
+    """What a screen shows for a failure: a ForgeError's sentence, anything else as one_line."""
+    return str(e) if isinstance(e, ForgeError) else one_line(e)

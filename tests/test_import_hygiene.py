@@ -105,6 +105,7 @@ import assistant_forge.core.formats, assistant_forge.core.sources, assistant_for
 import assistant_forge.core.presets, assistant_forge.core.identity, assistant_forge.core.evaluate
 import assistant_forge.core.chat, assistant_forge.core.merge, assistant_forge.core.pipeline, assistant_forge.core.models
 import assistant_forge.core.hardware, assistant_forge.core.run_state, assistant_forge.core.tail
+import assistant_forge.core.known_models, assistant_forge.core.ollama, assistant_forge.core.gguf_export
 import assistant_forge.cli
 # datasets (0.7 s, pyarrow) too: the data modules import it inside functions.
 bad = [m for m in ("torch", "textual", "transformers", "datasets") if m in sys.modules]

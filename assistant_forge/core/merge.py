@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 from assistant_forge.core import internlm2
 from assistant_forge.core.chat import ADAPTER_META, adapter_meta
 from assistant_forge.core.encoding import load_tokenizer, stop_token_ids
+from assistant_forge.core.known_models import record_export
 from assistant_forge.core.models import (
     check_model_code,
     quiet_transformers,
@@ -72,7 +74,16 @@ def convert(run: Path, out: str | Path, step: int | None = None, force: bool = F
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _record(run, "adapter", out)
     return out
+
+
+def _record(run: Path, kind: str, out: Path) -> None:
+    """Note the folder in its run (the Chat screen lists it); the folder is written either way."""
+    # A read-only run folder: the folder is still found at its default place, or typed in by hand.
+    if (run / "config.toml").is_file():
+        with contextlib.suppress(OSError):
+            record_export(run, kind, out)
 
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -162,4 +173,6 @@ def merge(
         shutil.rmtree(staging, ignore_errors=True)
         if native != staging:
             shutil.rmtree(native, ignore_errors=True)
+    if meta.get("run"):
+        _record(Path(meta["run"]), "merged", out)
     return out

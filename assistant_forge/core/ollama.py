@@ -18,10 +18,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from assistant_forge.core.fsutil import atomic_write_text
 from assistant_forge.errors import ForgeError
+
+if TYPE_CHECKING:  # gguf and numpy load only when a file is written
+    from assistant_forge.core.gguf_export import ExportResult, Progress
 
 _MARK = "\ue000{}\ue000"
 _SPLIT = re.compile("\ue000([A-Z0-9]+)\ue000")
@@ -195,3 +198,44 @@ def write_modelfile(path: Path, text: str) -> Path:
 def ollama_name(gguf_path: str | Path) -> str:
     """A model name for `ollama create`: the file's stem in lower case, safe characters only."""
     return re.sub(r"[^a-z0-9._-]+", "-", Path(gguf_path).stem.lower()).strip("-") or "assistant"
+
+
+def create_command(modelfile: Path, gguf_path: Path) -> str:
+    return f"cd {modelfile.parent} && ollama create {ollama_name(gguf_path)} -f {modelfile.name}"
+
+
+@dataclass(frozen=True)
+class GgufExport:
+    gguf: ExportResult
+    modelfile: Path | None
+
+    def lines(self) -> list[str]:
+        """What to tell the user: the file written and, with a Modelfile, the `ollama create` line."""
+        r = self.gguf
+        out = [
+            f"wrote {r.path} ({r.quant}, {r.bytes / 2**20:.1f} MiB, {r.tensors} tensors, {r.seconds:.1f} s)"
+        ]
+        if self.modelfile:
+            out += [
+                f"wrote {self.modelfile}; add it to Ollama with:",
+                f"  {create_command(self.modelfile, r.path)}",
+            ]
+        return out
+
+
+def export_gguf_for(
+    merged: str | Path,
+    out: str | Path,
+    quant: str = "f16",
+    ollama: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> GgufExport:
+    """`forge export gguf` (and the Export screen): every refusal comes before anything is written."""
+    from assistant_forge.core.gguf_export import check_quant, check_source, export_gguf
+
+    check_quant(quant)
+    check_source(Path(merged).expanduser())
+    modelfile = modelfile_for(merged, out, force=force) if ollama else None
+    r = export_gguf(merged, out, quant=quant, force=force, progress=progress)
+    return GgufExport(r, write_modelfile(*modelfile) if modelfile else None)

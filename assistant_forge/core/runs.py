@@ -7,6 +7,7 @@
 <run>/train.log      the trainer's stdout/stderr (a file: a full pipe would stall training)
 <run>/error.log      the traceback of a failed run (train.log and status.json say it in one sentence)
 <run>/checkpoints/checkpoint-N/  complete once it holds COMPLETE_MARKER; written as .saving-* and renamed
+<run>/exports.json   adapter and merged folders made from the run (core.known_models; convert, merge)
 <run>/.lock          held (flock) by the live trainer: a pid alone can be stale or reused
 """
 

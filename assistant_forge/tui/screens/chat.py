@@ -1,5 +1,6 @@
-"""Chat: stream answers from the base model, base + adapter, or the merged model; or base and
-tuned side by side on the same question.
+"""Chat: stream answers from any model forge knows about (core.known_models: merged folders and
+adapters of runs, newest first, and their bases) or one typed in; or base and tuned side by side on
+the same question, the base being the one the tuned model was trained from.
 
 Loading and generating run in one thread worker (core.chat.load_chat_model(...).stream); each
 piece of text is posted to the UI as a message, and esc sets the stop event core's streamer
@@ -19,10 +20,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Checkbox, Footer, Input, Label, Select, Static
 
+from assistant_forge.core.known_models import KnownModel, base_for, default_model, known_models
 from assistant_forge.tui.screens.base import StepScreen
 from assistant_forge.tui.widgets.steps import StepsBar
 
-SOURCES = (("base model", "base"), ("base + adapter", "adapter"), ("merged model", "merged"))
 MAX_CACHED = 2  # loaded models kept: base and tuned for side by side
 
 
@@ -50,13 +51,15 @@ class ChatScreen(StepScreen):
         self.max_new_tokens = 256
         self._current: dict[str, Static] = {}
         self._answer: dict[str, str] = {}
+        self.known: list[KnownModel] = []
+        self._defaulted_for: tuple = ()
 
     def compose(self) -> ComposeResult:
         yield StepsBar("chat")
         with Vertical(id="chat-opts"):
             with Horizontal(classes="field-row"):
                 yield Label("talk to")
-                yield Select(SOURCES, id="ch-source", allow_blank=False, compact=True)
+                yield Select([], id="ch-source", prompt="a model forge knows", compact=True)
                 yield Checkbox("side by side with base", id="ch-compare", compact=True)
             with Horizontal(classes="field-row"):
                 yield Label("model · adapter")
@@ -83,31 +86,38 @@ class ChatScreen(StepScreen):
         if self.generating:
             return
         s = self.session
-        src = "merged" if s.merged else "adapter" if s.adapter else "base"
+        self.known = known_models(extra_base=s.config.model.path if s.config else None)
         sel = self.query_one("#ch-source", Select)
-        if sel.value != src:
-            sel.value = src
-        else:
-            self._fill_source(src)
+        current = sel.value
+        sel.set_options([(m.label, i) for i, m in enumerate(self.known)])
+        # A new watched run or a new export picks the default again; otherwise the user's pick stays.
+        key = (s.run, s.merged, s.adapter)
+        if key != self._defaulted_for or not isinstance(current, int) or current >= len(self.known):
+            self._defaulted_for = key
+            want = next(
+                (m for m in self.known if s.merged and m.model == str(Path(s.merged).resolve())),
+                None,
+            ) or default_model(self.known, s.run)
+            current = self.known.index(want)
+        sel.value = current
+        self._fill(self.known[current])
 
     def base_model(self) -> str:
+        """The base to compare with: the one the chosen tuned model was trained from."""
+        model = self.query_one("#ch-model", Input).value.strip() or "demo"
+        adapter = self.query_one("#ch-adapter", Input).value.strip() or None
         cfg = self.session.config
-        return cfg.model.path if cfg else "demo"
+        return base_for(model, adapter) or (cfg.model.path if cfg else "demo")
 
-    def _fill_source(self, src: str) -> None:
-        s = self.session
-        model, adapter = self.base_model(), ""
-        if src == "adapter" and s.adapter:
-            adapter = str(s.adapter)
-        elif src == "merged" and s.merged:
-            model = str(s.merged)
-        self.query_one("#ch-model", Input).value = model
-        self.query_one("#ch-adapter", Input).value = adapter
-        self.query_one("#pane-main").border_title = dict((v, k) for k, v in SOURCES)[src]
+    def _fill(self, m: KnownModel) -> None:
+        self.query_one("#ch-model", Input).value = m.model
+        self.query_one("#ch-adapter", Input).value = m.adapter or ""
+        self.query_one("#pane-main").border_title = m.label
+        self.query_one("#pane-base").border_title = f"base · {self.base_model()}"
 
     def on_select_changed(self, event: Select.Changed) -> None:
-        if event.select.id == "ch-source" and isinstance(event.value, str):
-            self._fill_source(event.value)
+        if event.select.id == "ch-source" and isinstance(event.value, int) and event.value < len(self.known):
+            self._fill(self.known[event.value])
 
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
         self.query_one("#pane-base").display = event.value
@@ -150,7 +160,9 @@ class ChatScreen(StepScreen):
         adapter = self.query_one("#ch-adapter", Input).value.strip() or None
         sides: list[tuple[str, str, str | None]] = []
         if self.query_one("#ch-compare", Checkbox).value:
-            sides.append(("base", self.base_model(), None))
+            base = self.base_model()
+            self.query_one("#pane-base").border_title = f"base · {base}"
+            sides.append(("base", base, None))
         sides.append(("main", model, adapter))
         for side, *_ in sides:
             self.history[side].append({"role": "user", "content": question})

@@ -1,7 +1,9 @@
-"""Export: a run's checkpoint → PEFT adapter (core.merge.convert) → merged model (core.merge.merge).
+"""Export: a run's checkpoint → PEFT adapter (core.merge.convert) → merged model (core.merge.merge)
+→ one GGUF file for llama.cpp / Ollama (core.ollama.export_gguf_for, optionally with a Modelfile).
 
-Both steps load torch and write hundreds of MB: they run in a thread worker, one at a time, and
-report progress as steps; core's ForgeError sentences are shown as they are.
+Each step loads torch and writes hundreds of MB: they run in a thread worker, one at a time, and
+report progress (GGUF: tensor by tensor, from core's progress callback); core's ForgeError sentences
+are shown as they are, anything else as one line.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Checkbox, Footer, Input, Label, ProgressBar, Select, Static
 
+from assistant_forge.core.gguf_export import QUANTS
 from assistant_forge.tui.screens.base import StepScreen
 from assistant_forge.tui.widgets.steps import StepsBar
 
@@ -27,6 +30,7 @@ class ExportScreen(StepScreen):
         Binding("c", "convert", "Convert"),
         Binding("m", "merge", "Merge"),
         Binding("b", "both", "Both"),
+        Binding("g", "gguf", "GGUF"),
         Binding("ctrl+r", "reload", "Reload runs"),
     ]
 
@@ -68,15 +72,24 @@ class ExportScreen(StepScreen):
                 yield Select(
                     [(d, d) for d in ("bf16", "fp16", "fp32")], id="ex-dtype", allow_blank=False, compact=True
                 )
-            yield Checkbox("replace existing folders", id="ex-force", compact=True)
+            with Horizontal(classes="field-row"):
+                yield Label("GGUF → ")
+                yield Input(id="ex-gguf", compact=True, placeholder="file for llama.cpp / Ollama")
+                yield Select(
+                    [(q, q) for q in QUANTS], id="ex-quant", value="q8_0", allow_blank=False, compact=True
+                )
+                yield Checkbox("Ollama", id="ex-ollama", value=True, compact=True)
+            yield Checkbox("replace existing folders and files", id="ex-force", compact=True)
         with Horizontal(classes="button-row"):
             yield Button("Convert", id="ex-convert")
             yield Button("Merge", id="ex-merge")
             yield Button("Both", id="ex-both", variant="primary")
+            yield Button("GGUF", id="ex-gguf-btn")
         bar = ProgressBar(id="export-progress", show_eta=False)
         bar.display = False  # an idle indeterminate bar would animate for nothing
         yield bar
         yield Static("", id="export-msg", classes="status-line")
+        yield Static("", id="gguf-result", classes="status-line", markup=False)
         yield Footer()
 
     def on_screen_resume(self) -> None:
@@ -109,17 +122,27 @@ class ExportScreen(StepScreen):
         self.query_one("#ex-ckpt", Select).set_options(
             [("newest", NEWEST)] + [(f"step {s}", s) for s, _ in reversed(complete_checkpoints(run))]
         )
+        from assistant_forge.core.ollama import ollama_name
+
+        name = ""
         try:
-            self.query_one("#ex-base", Input).value = run_config(run).model.path
+            cfg = run_config(run)
+            self.query_one("#ex-base", Input).value = cfg.model.path
+            name = cfg.identity.name
         except ForgeError as e:
             self.show_error("export-msg", str(e))
         self.query_one("#ex-adapter", Input).value = str(run / "adapter")
         self.query_one("#ex-merged", Input).value = str(run / "merged")
+        # Named after the assistant: the file's stem is also the `ollama create` name.
+        self.query_one("#ex-gguf", Input).value = str(run / f"{ollama_name(name or 'model')}.gguf")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        {"ex-convert": self.action_convert, "ex-merge": self.action_merge, "ex-both": self.action_both}[
-            event.button.id or ""
-        ]()
+        {
+            "ex-convert": self.action_convert,
+            "ex-merge": self.action_merge,
+            "ex-both": self.action_both,
+            "ex-gguf-btn": self.action_gguf,
+        }[event.button.id or ""]()
 
     def action_convert(self) -> None:
         self._start(convert=True, merge=False)
@@ -158,7 +181,7 @@ class ExportScreen(StepScreen):
     @work(thread=True, exclusive=True, group="export")
     def export_worker(self, job: dict, convert: bool, merge: bool) -> None:
         from assistant_forge.core import merge as core_merge
-        from assistant_forge.errors import ForgeError, one_line
+        from assistant_forge.errors import user_line
 
         total = int(convert) + int(merge)
         step = 0
@@ -175,21 +198,64 @@ class ExportScreen(StepScreen):
                 )
                 self.post_message(self.Produced("merged", out))
                 step += 1
-        except ForgeError as e:
-            self.post_message(self.Progress(step, total, str(e), error=True, done=True))
+        except Exception as e:  # a ForgeError's sentence; a failure deep in transformers as one line
+            self.post_message(self.Progress(step, total, user_line(e), error=True, done=True))
             return
-        except Exception as e:  # a failure deep in transformers: one line, not a traceback
-            self.post_message(
-                self.Progress(
-                    step,
-                    total,
-                    one_line(e),
-                    error=True,
-                    done=True,
-                )
-            )
+        after = "export it as GGUF (g) or chat with it (6)" if merge else "chat with it (6)"
+        self.post_message(self.Progress(step, total, f"done: {after}", done=True))
+
+    # --- GGUF ---------------------------------------------------------------------------------
+
+    def action_gguf(self) -> None:
+        if self.busy:
+            self.notify("an export is already running", severity="warning")
             return
-        self.post_message(self.Progress(step, total, "done: chat with it (6)", done=True))
+        merged = self.query_one("#ex-merged", Input).value.strip()
+        out = self.query_one("#ex-gguf", Input).value.strip()
+        if not merged or not out:
+            self.show_error("export-msg", "Give the merged model folder and the GGUF file first.")
+            return
+        self.busy = True
+        self.show_error("export-msg", "")
+        self.query_one("#gguf-result", Static).update("")
+        job = {
+            "merged": merged,
+            "out": out,
+            "quant": str(self.query_one("#ex-quant", Select).value),
+            "ollama": self.query_one("#ex-ollama", Checkbox).value,
+            "force": self.query_one("#ex-force", Checkbox).value,
+        }
+        self.gguf_worker(job)
+
+    @work(thread=True, exclusive=True, group="export")
+    def gguf_worker(self, job: dict) -> None:
+        from assistant_forge.core.ollama import export_gguf_for
+        from assistant_forge.errors import user_line
+
+        def progress(done: int, total: int, name: str) -> None:
+            self.app.call_from_thread(self._gguf_progress, done, total, f"writing {name} ({done}/{total})")
+
+        self.app.call_from_thread(self._gguf_progress, 0, None, "reading the merged model…")
+        try:
+            result = export_gguf_for(progress=progress, **job)
+        except Exception as e:  # a ForgeError's sentence; anything else as one line
+            self.app.call_from_thread(self._gguf_done, [], user_line(e))
+            return
+        self.app.call_from_thread(self._gguf_done, result.lines(), "")
+
+    def _gguf_progress(self, done: int, total: int | None, text: str) -> None:
+        bar = self.query_one("#export-progress", ProgressBar)
+        bar.display = True
+        bar.update(total=total, progress=done)
+        self.query_one("#export-msg", Static).update(text)
+
+    def _gguf_done(self, lines: list[str], error: str) -> None:
+        self.busy = False
+        self.show_error("export-msg", error)
+        if not error:
+            self.query_one("#export-msg", Static).update("done: GGUF written")
+            self.query_one("#gguf-result", Static).update("\n".join(lines))
+            self.notify(lines[0])
 
     def on_export_screen_progress(self, msg: Progress) -> None:
         bar = self.query_one("#export-progress", ProgressBar)
