@@ -371,6 +371,9 @@ def train_run(run: Path, resume: bool = False) -> str:
     if not distributed.is_main():
         replay = build_replay(run, cfg, model, tok)
     extra = replay_draw(len(conversations), replay, cfg.data.replay_ratio, cfg.train.seed)
+    if torch.cuda.is_available():
+        # The replay batch was sized to the memory left free; the peak events.jsonl reports is training's.
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     samples = _samples(cfg, tok, conversations, extra) if distributed.is_main() else None
     distributed.barrier()

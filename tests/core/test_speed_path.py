@@ -111,6 +111,23 @@ def fused_calls(model) -> tuple[int, float, dict[str, torch.Tensor]]:
     return calls, loss, grads
 
 
+def test_generation_takes_pefts_forward_and_training_the_fused_op(tiny_llama: Path) -> None:
+    """In eval mode (replay and sample answers) LoRA layers run PEFT's forward, whose 4-bit
+    inference kernel suits a few tokens at a time; back in training mode the fused op runs again."""
+    model = build(tiny_llama, dropout=0.0, fast=True)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.eval()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        generating = model(input_ids=ids).logits
+    assert not any(e.key == "_LoraLinear" for e in prof.key_averages())
+    model.train()
+    with torch.no_grad():
+        training = model(input_ids=ids).logits
+    assert torch.allclose(generating, training, atol=1e-4)  # the same maths either way (no dropout)
+    calls, _, _ = fused_calls(model)
+    assert calls > 0
+
+
 def test_sibling_projections_run_as_one_group(tiny_llama: Path) -> None:
     """q/k/v and gate/up read one input and run as one fused op each (4 ops a layer, not 7) with
     the same loss and gradients as one op per projection; no group holds tensors after a step."""
