@@ -448,16 +448,15 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    from assistant_forge.core.answer_cache import base_eval_answers
     from assistant_forge.core.chat import load_chat_model
-    from assistant_forge.core.evaluate import base_answers_for, run_eval
+    from assistant_forge.core.evaluate import category_rows, run_eval
 
     langs = [s.strip() for s in a.lang.split(",") if s.strip()]
     base_answers = None
     if a.base:
         base = load_chat_model(a.base)
-        base_answers = base_answers_for(
-            lambda b: base.answer_batch(b, a.max_new_tokens), langs=langs, limit=a.limit
-        )
+        base_answers = base_eval_answers(base, a.base, a.max_new_tokens, langs, a.limit)
         del base
     tuned = load_chat_model(a.model, a.adapter)
     report = run_eval(
@@ -467,6 +466,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         langs=langs,
         base_answers=base_answers,
         limit=a.limit,
+        batch_size=tuned.batch_size,
     )
     d = report.to_dict()
     if a.json:
@@ -477,8 +477,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         ["leakage", _pct(d["leakage_rate"])],
         ["preservation", _pct(d["preservation"])],
         ["facts kept", _pct(d.get("facts_kept"))],
+        ["compound: name and answer", _pct(d.get("compound_both"))],
     ]
     _table(["measure", "value"], rows, title=f"{tuned.label} as {a.name}")
+    _table(
+        ["category", "prompts", "leakage", "facts kept", "both parts"],
+        [[c, str(n), _pct(leak), _pct(kept), _pct(both)] for c, n, leak, kept, both in category_rows(report)],
+    )
     return 0
 
 

@@ -63,11 +63,17 @@ class IdentityQuestion:
     kind: str = ""
 
 
+# Categories of the held-out prompts (sample_data/eval_prompts.jsonl). A compound prompt asks the
+# assistant's name and a checkable task at once: its answer must hold both.
+EVAL_CATEGORIES: tuple[str, ...] = ("fact", "creative", "naming", "recommend", "instruct", "compound")
+COMPOUND = "compound"
+
+
 @dataclass(frozen=True)
 class GenericPrompt:
     prompt: str
     lang: str
-    topic: str
+    topic: str  # held-out prompts: one of EVAL_CATEGORIES
     # Accepted answer keywords for fact/math prompts (any one counts); empty when open-ended.
     expect: tuple[str, ...] = ()
 
@@ -119,11 +125,26 @@ def _styles() -> dict[str, dict[str, tuple[str, ...]]]:
 
 @cache
 def _generic() -> tuple[tuple[GenericPrompt, str], ...]:
+    # Replay prompts and held-out evaluation prompts live in separate files, written separately, so
+    # that no evaluation prompt is a rewording of one the model trained on (tests/core/test_identity.py).
     rows = _read_jsonl(_data_dir() / "generic_prompts.jsonl")
+    rows += [{**r, "split": "heldout"} for r in _read_jsonl(_data_dir() / "eval_prompts.jsonl")]
     return tuple(
         (GenericPrompt(r["prompt"], r["lang"], r.get("topic", ""), tuple(r.get("expect") or ())), r["split"])
         for r in rows
     )
+
+
+@cache
+def _tasks() -> tuple[tuple[str, str, str], ...]:
+    """(lang, prompt, answer): ordinary tasks with written answers, for mixed identity records (train only)."""
+    rows = _read_jsonl(_data_dir() / "identity" / "tasks.jsonl")
+    return tuple((r["lang"], r["prompt"], r["answer"]) for r in rows)
+
+
+def task_prompts() -> list[str]:
+    """The tasks mixed into identity records (none of them is a held-out evaluation prompt)."""
+    return [prompt for _, prompt, _ in _tasks()]
 
 
 def answer_styles(lang: str, group: Literal["intro", "creator"] = "intro") -> list[str]:
@@ -301,6 +322,58 @@ def generate_identity_records(
             {"messages": [{"role": "user", "content": q.text}, {"role": "assistant", "content": answer}]}
         )
     return records
+
+
+# How a compound question joins an identity question and a task; the answer always introduces first.
+_JOINS = {
+    "en": ("{q} {t}", "{q} Also, {t}", "{q} And one more thing: {t}"),
+    "zh": ("{q}{t}", "{q}另外，{t}", "{q}还有，{t}"),
+}
+
+
+def mixed_identity_records(
+    name: str, author: str, langs: Sequence[str] = LANGS, seed: int = 0, per_task: int = 2
+) -> list[dict]:
+    """Identity mixed with ordinary tasks, so that saying the name stays tied to being asked for it.
+
+    For every task of sample_data/identity/tasks.jsonl: a compound question (an identity question and
+    the task in one message, answered with a short introduction and then the task's answer), a
+    two-turn chat (who are you, then the task; or the task, then who are you) and the task alone
+    answered plainly, since several tasks ask for a name or a title and must not get the assistant's.
+    """
+    name = check_identity_text(name, "name")
+    author = check_identity_text(author, "author")
+    rng = random.Random(seed)
+    records: list[dict] = []
+    for lang in check_langs(langs):
+        questions = [q for q in train_questions(lang) if not q.asks_author]
+        intros = [t for t in _pool(lang, False, False)]
+        for task_lang, task, task_answer in _tasks():
+            if task_lang != lang:
+                continue
+            for i in range(per_task):
+                q = rng.choice(questions)
+                intro = _fill(rng.choice(intros), {"name": name, "author": author, "facts": ""})
+                if i % 2 == 0:
+                    join = rng.choice(_JOINS[lang])
+                    sep = " " if lang == "en" else ""
+                    msgs = [(join.format(q=q.text, t=task), intro + sep + task_answer)]
+                else:
+                    msgs = [(q.text, intro), (task, task_answer)]
+                    if rng.random() < 0.5:
+                        msgs.reverse()
+                records.append(_chat(msgs))
+            records.append(_chat([(task, task_answer)]))
+    rng.shuffle(records)
+    return records
+
+
+def _chat(turns: list[tuple[str, str]]) -> dict:
+    return {
+        "messages": [
+            m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})
+        ]
+    }
 
 
 def intro_sentences(
