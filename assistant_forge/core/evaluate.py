@@ -16,6 +16,7 @@ from typing import Any
 
 from assistant_forge.core.identity import (
     COMPOUND,
+    EVAL_CATEGORIES,
     LANGS,
     GenericPrompt,
     check_identity_text,
@@ -297,7 +298,8 @@ def run_eval(
     fact_items = [(g, a) for g, a, _ in plain if g.expect]
     facts_correct, facts_kept = _facts(fact_items, base)
     by_category: dict[str, dict[str, Any]] = {}
-    for topic in dict.fromkeys(g.topic for g in generic):
+    order = {c: i for i, c in enumerate(EVAL_CATEGORIES)}
+    for topic in sorted({g.topic for g in generic}, key=lambda t: (order.get(t, len(order)), t)):
         items = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.topic == topic]
         n_leaks = sum(f for g, _, f in plain if g.topic == topic)
         correct, kept = _facts([(g, a) for g, a in items if g.expect], base)
