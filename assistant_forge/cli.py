@@ -85,12 +85,14 @@ def cmd_presets_copy(a: argparse.Namespace) -> int:
 
 def cmd_data_identity(a: argparse.Namespace) -> int:
     from assistant_forge.core.dataset import write_records
-    from assistant_forge.core.identity import generate_identity_records
+    from assistant_forge.core.identity import generate_identity_records, mixed_identity_records
 
     langs = [s.strip() for s in a.lang.split(",") if s.strip()]
     recs = generate_identity_records(
         a.name, a.author, langs=langs, count=a.count, facts=a.fact or (), seed=a.seed
     )
+    if a.mixed:
+        recs += mixed_identity_records(a.name, a.author, langs=langs, seed=a.seed)
     write_records(recs, a.output)
     print(f"wrote {len(recs)} conversations to {a.output}")
     return 0
@@ -552,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=int, help="number of conversations (default: every training question once)"
     )
     sp.add_argument("--fact", action="append", help="a persona fact (repeatable)")
+    sp.add_argument(
+        "--mixed",
+        action="store_true",
+        help="add identity mixed with ordinary tasks (name + task in one question, two-turn chats)",
+    )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("-o", "--output", required=True)
     source_help = (

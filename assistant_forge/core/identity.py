@@ -332,14 +332,15 @@ _JOINS = {
 
 
 def mixed_identity_records(
-    name: str, author: str, langs: Sequence[str] = LANGS, seed: int = 0, per_task: int = 2
+    name: str, author: str, langs: Sequence[str] = LANGS, seed: int = 0, compound: int = 2
 ) -> list[dict]:
     """Identity mixed with ordinary tasks, so that saying the name stays tied to being asked for it.
 
-    For every task of sample_data/identity/tasks.jsonl: a compound question (an identity question and
-    the task in one message, answered with a short introduction and then the task's answer), a
-    two-turn chat (who are you, then the task; or the task, then who are you) and the task alone
-    answered plainly, since several tasks ask for a name or a title and must not get the assistant's.
+    For every task of sample_data/identity/tasks.jsonl: `compound` compound questions (an identity
+    question and the task in one message, answered with a short introduction and then the task's
+    answer), one two-turn chat (who are you, then the task; or the task, then who are you) and the
+    task alone answered plainly, since several tasks ask for a name or a title and must not get the
+    assistant's.
     """
     name = check_identity_text(name, "name")
     author = check_identity_text(author, "author")
@@ -347,22 +348,24 @@ def mixed_identity_records(
     records: list[dict] = []
     for lang in check_langs(langs):
         questions = [q for q in train_questions(lang) if not q.asks_author]
-        intros = [t for t in _pool(lang, False, False)]
+        intros = _pool(lang, False, False)
+        sep = " " if lang == "en" else ""
+
+        def intro(intros: list[str] = intros) -> str:
+            return _fill(rng.choice(intros), {"name": name, "author": author, "facts": ""})
+
         for task_lang, task, task_answer in _tasks():
             if task_lang != lang:
                 continue
-            for i in range(per_task):
-                q = rng.choice(questions)
-                intro = _fill(rng.choice(intros), {"name": name, "author": author, "facts": ""})
-                if i % 2 == 0:
-                    join = rng.choice(_JOINS[lang])
-                    sep = " " if lang == "en" else ""
-                    msgs = [(join.format(q=q.text, t=task), intro + sep + task_answer)]
-                else:
-                    msgs = [(q.text, intro), (task, task_answer)]
-                    if rng.random() < 0.5:
-                        msgs.reverse()
-                records.append(_chat(msgs))
+
+            for _ in range(compound):
+                join = rng.choice(_JOINS[lang])
+                text = join.format(q=rng.choice(questions).text, t=task)
+                records.append(_chat([(text, intro() + sep + task_answer)]))
+            turns = [(rng.choice(questions).text, intro()), (task, task_answer)]
+            if rng.random() < 0.5:
+                turns.reverse()
+            records.append(_chat(turns))
             records.append(_chat([(task, task_answer)]))
     rng.shuffle(records)
     return records
