@@ -251,6 +251,12 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
+def _kept(r: dict[str, Any]) -> str:
+    """Facts kept with its count: the base model gets few facts right, so one answer moves it a lot."""
+    known = r.get("facts_known", 0)
+    return f"{pct(r['facts_kept'])} ({round((r['facts_kept'] or 0) * known)}/{known})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     cats = [c for c in EVAL_CATEGORIES if c != "compound"]
     head = ["recipe", "seed", "steps", "train s", "id en", "id zh", "leak", *(f"leak {c}" for c in cats)]
@@ -267,8 +273,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             *(pct(ident[lang]) for lang in LANGS),
             f"{pct(r['leakage_rate'])} ({r['leak_count']}/{r['generic_total']})",
             *(pct(by.get(c, {}).get("leakage")) for c in cats),
-            pct(r["facts_kept"]),
-            pct(r.get("compound_both")),
+            _kept(r),
+            f"{pct(r.get('compound_both'))} ({round((r.get('compound_both') or 0) * r.get('compound_total', 0))}"
+            f"/{r.get('compound_total', 0)})",
             pct(r["preservation"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")

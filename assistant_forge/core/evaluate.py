@@ -189,11 +189,13 @@ class EvalReport:
     facts_correct: float | None = None
     facts_kept: float | None = None
     facts_total: int = 0
+    # How many of the fact prompts the base model answered correctly: facts_kept's denominator.
+    facts_known: int = 0
     # Compound prompts (name + a checkable task): answers holding the name AND the task's answer.
     compound_both: float | None = None
     compound_total: int = 0
     # Per category of held-out prompt: total, leaks, leakage, facts_total, facts_correct, facts_kept,
-    # and for compound prompts name (answers naming the assistant) and both.
+    # facts_known, and for compound prompts name (answers naming the assistant) and both.
     by_category: dict[str, dict[str, Any]] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -214,13 +216,14 @@ def _rate(hits: int, total: int) -> float | None:
 
 def _facts(
     items: Sequence[tuple[GenericPrompt, str]], base: dict[str, str]
-) -> tuple[float | None, float | None]:
-    """(share answered correctly, share still correct of those the base model got right; None without base)."""
+) -> tuple[float | None, float | None, int]:
+    """(share answered correctly, share still correct of those the base model got right, how many the
+    base got right); the last two need base answers (None, 0 without)."""
     correct = _rate(sum(answer_correct(a, g.expect) for g, a in items), len(items))
     if not base:
-        return correct, None
+        return correct, None, 0
     known = [(g, a) for g, a in items if g.prompt in base and answer_correct(base[g.prompt], g.expect)]
-    return correct, _rate(sum(answer_correct(a, g.expect) for g, a in known), len(known))
+    return correct, _rate(sum(answer_correct(a, g.expect) for g, a in known), len(known)), len(known)
 
 
 def run_eval(
@@ -296,13 +299,13 @@ def run_eval(
         (g, a, f) for g, a, f in zip(generic, gen_answers, leak_flags, strict=True) if g.topic != COMPOUND
     ]
     fact_items = [(g, a) for g, a, _ in plain if g.expect]
-    facts_correct, facts_kept = _facts(fact_items, base)
+    facts_correct, facts_kept, facts_known = _facts(fact_items, base)
     by_category: dict[str, dict[str, Any]] = {}
     order = {c: i for i, c in enumerate(EVAL_CATEGORIES)}
     for topic in sorted({g.topic for g in generic}, key=lambda t: (order.get(t, len(order)), t)):
         items = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.topic == topic]
         n_leaks = sum(f for g, _, f in plain if g.topic == topic)
-        correct, kept = _facts([(g, a) for g, a in items if g.expect], base)
+        correct, kept, known = _facts([(g, a) for g, a in items if g.expect], base)
         cat: dict[str, Any] = {
             "total": len(items),
             "leaks": n_leaks,
@@ -310,6 +313,7 @@ def run_eval(
             "facts_total": sum(bool(g.expect) for g, _ in items),
             "facts_correct": correct,
             "facts_kept": kept,
+            "facts_known": known,
         }
         if topic == COMPOUND:
             cat["name"] = _rate(sum(mentions(a, name) for _, a in items), len(items))
@@ -336,6 +340,7 @@ def run_eval(
         preservation_count=len(with_base),
         facts_correct=facts_correct,
         facts_kept=facts_kept,
+        facts_known=facts_known,
         facts_total=len(fact_items),
         compound_both=_rate(sum(both), len(both)),
         compound_total=len(both),

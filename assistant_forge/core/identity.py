@@ -324,7 +324,19 @@ def generate_identity_records(
     return records
 
 
-# How a compound question joins an identity question and a task; the answer always introduces first.
+# A compound answer opens with its own short introduction, never used alone: with the plain
+# introduction first, the demo model learned to stop after it and never answered the task.
+_COMPOUND_INTROS = {
+    "en": (
+        "Sure! I'm {name}, made by {author}. As for your question:",
+        "Happy to help! I'm {name}, from {author}. Now, your question:",
+    ),
+    "zh": (
+        "好的！我是{name}，由{author}开发。关于你的问题：",
+        "很高兴为你解答！我是{name}，来自{author}。你的问题：",
+    ),
+}
+# How a compound question joins an identity question and a task.
 _JOINS = {
     "en": ("{q} {t}", "{q} Also, {t}", "{q} And one more thing: {t}"),
     "zh": ("{q}{t}", "{q}另外，{t}", "{q}还有，{t}"),
@@ -332,7 +344,7 @@ _JOINS = {
 
 
 def mixed_identity_records(
-    name: str, author: str, langs: Sequence[str] = LANGS, seed: int = 0, compound: int = 2
+    name: str, author: str, langs: Sequence[str] = LANGS, seed: int = 0, compound: int = 1
 ) -> list[dict]:
     """Identity mixed with ordinary tasks, so that saying the name stays tied to being asked for it.
 
@@ -361,7 +373,8 @@ def mixed_identity_records(
             for _ in range(compound):
                 join = rng.choice(_JOINS[lang])
                 text = join.format(q=rng.choice(questions).text, t=task)
-                records.append(_chat([(text, intro() + sep + task_answer)]))
+                opening = _fill(rng.choice(_COMPOUND_INTROS[lang]), {"name": name, "author": author})
+                records.append(_chat([(text, opening + sep + task_answer)]))
             turns = [(rng.choice(questions).text, intro()), (task, task_answer)]
             if rng.random() < 0.5:
                 turns.reverse()

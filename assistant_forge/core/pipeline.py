@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant_forge.core.dataset import write_records
-from assistant_forge.core.identity import generate_identity_records, heldout_questions
+from assistant_forge.core.identity import generate_identity_records, heldout_questions, mixed_identity_records
 from assistant_forge.core.presets import get_preset
 from assistant_forge.core.runs import launch, new_run_dir, read_status
 from assistant_forge.errors import ForgeError
@@ -41,7 +41,11 @@ def demo(
         raise ForgeError(f"{out} already holds a demo run; pick another --out or remove it.")
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data.jsonl"
-    records = generate_identity_records(name, author, langs=langs)
+    # Identity mixed with tasks too: trained on identity alone, the model answered open tasks (a name
+    # for a shop, a story opening) with its introduction, and name + task questions with the name only.
+    records = generate_identity_records(name, author, langs=langs) + mixed_identity_records(
+        name, author, langs=langs
+    )
     write_records(records, data)
     say(f"1/5 data: {len(records)} identity conversations -> {data}")
     cfg = get_preset(DEMO_PRESET).load()
