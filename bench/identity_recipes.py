@@ -1,9 +1,9 @@
 """Identity recipes compared on the demo model (CPU): same eval, several ways to teach a name.
 
-  forge          the demo preset as it ships (identity bank, mixed records and replay per the preset)
-  bank           forge's question bank alone, no forgetting guard (replay 0), preset hyperparameters
-  mixed          the bank plus identity mixed with tasks (compound questions, two-turn chats, tasks
-                 alone) and replay over every replay prompt (the open categories included)
+  forge          `forge demo` as it ships: its data (core.pipeline.demo_records: the identity bank and
+                 identity mixed with tasks) under the demo preset (replay included)
+  bank           the identity bank alone under the demo preset; with `--set data.replay_prompts=95
+                 --set train.epochs=1.6` this is the demo before issue 16
   tutorial       the XTuner self-cognition tutorial's own recipe: one "introduce yourself" pair per
                  language repeated, LoRA r 64 / alpha 16 / dropout 0.1 on every layer, lr 2e-4 cosine,
                  batch 16, loss on the answer, 300 steps (hours on this CPU: a GPU command)
@@ -15,7 +15,7 @@ by core.evaluate.run_eval on the held-out questions and the held-out prompts by 
 
   python bench/identity_recipes.py --out /tmp/idr --seeds 42,1,2 --recipes forge,tutorial-time
 
-Tuning: `--set lora.r=8 --set data.replay_ratio=0.4` overrides preset values (forge, bank, mixed).
+Tuning: `--set lora.r=8 --set data.replay_ratio=0.4` overrides preset values (forge, bank).
 Base answers and replay answers are cached (core/answer_cache.py), so they are generated once.
 """
 
@@ -48,13 +48,12 @@ from assistant_forge.core.identity import (  # noqa: E402
     LANGS,
     answer_styles,
     generate_identity_records,
-    generic_prompts,
-    mixed_identity_records,
 )
+from assistant_forge.core.pipeline import demo_records  # noqa: E402
 from assistant_forge.core.presets import get_preset  # noqa: E402
 from assistant_forge.core.runs import new_run_dir, read_jsonl, read_status  # noqa: E402
 
-RECIPES = ("forge", "mixed", "bank", "tutorial-time", "tutorial")  # forge first: its rows set tutorial-time's
+RECIPES = ("forge", "bank", "tutorial-time", "tutorial")  # forge first: its rows set tutorial-time's
 # The tutorial's single question per language; both come from the train split, never held out.
 TUTORIAL_QUESTIONS = {"en": "Please introduce yourself briefly.", "zh": "请做个自我介绍。"}
 TUTORIAL_BATCH = 16
@@ -109,11 +108,7 @@ def recipe_config(
     cfg.data.files = [str(data)]
     cfg.identity.name, cfg.identity.author = name, author
     cfg.eval.prompts = []  # no sample chats: they cost generation time and the eval asks anyway
-    if recipe == "bank":
-        cfg.data.replay_ratio = 0.0
-    elif recipe == "mixed":
-        cfg.data.replay_prompts = len(generic_prompts("replay"))
-    elif recipe == "tutorial":
+    if recipe == "tutorial":
         tutorial_settings(cfg, TUTORIAL_STEPS)
     elif recipe == "tutorial-time":
         # As many packed rows (so tokens, about the CPU time of the forward passes) as forge trained on.
@@ -125,8 +120,8 @@ def recipe_records(recipe: str, name: str, author: str, seed: int) -> list[dict]
     bank = generate_identity_records(name, author, seed=seed)
     if recipe.startswith("tutorial"):
         return tutorial_records(name, author, len(bank))
-    if recipe == "mixed":
-        return bank + mixed_identity_records(name, author, seed=seed)
+    if recipe == "forge":
+        return demo_records(name, author, seed=seed)
     return bank
 
 

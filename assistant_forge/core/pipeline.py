@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,14 @@ class DemoResult:
     answers: list[tuple[str, str]] = field(default_factory=list)
 
 
+def demo_records(name: str, author: str, langs: Sequence[str] = ("en", "zh"), seed: int = 0) -> list[dict]:
+    """The demo's identity data: the question bank, and identity mixed with tasks (trained on identity
+    alone, the model answered open tasks such as naming a shop with its own introduction)."""
+    return generate_identity_records(name, author, langs=langs, seed=seed) + mixed_identity_records(
+        name, author, langs=langs, seed=seed
+    )
+
+
 def demo(
     name: str,
     author: str,
@@ -41,11 +49,7 @@ def demo(
         raise ForgeError(f"{out} already holds a demo run; pick another --out or remove it.")
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data.jsonl"
-    # Identity mixed with tasks too: trained on identity alone, the model answered open tasks (a name
-    # for a shop, a story opening) with its introduction, and name + task questions with the name only.
-    records = generate_identity_records(name, author, langs=langs) + mixed_identity_records(
-        name, author, langs=langs
-    )
+    records = demo_records(name, author, langs)
     write_records(records, data)
     say(f"1/5 data: {len(records)} identity conversations -> {data}")
     cfg = get_preset(DEMO_PRESET).load()
