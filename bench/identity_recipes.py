@@ -116,12 +116,12 @@ def recipe_config(
     return cfg
 
 
-def recipe_records(recipe: str, name: str, author: str, seed: int) -> list[dict]:
+def recipe_records(recipe: str, name: str, author: str, seed: int, compound: int = 1) -> list[dict]:
     bank = generate_identity_records(name, author, seed=seed)
     if recipe.startswith("tutorial"):
         return tutorial_records(name, author, len(bank))
     if recipe == "forge":
-        return demo_records(name, author, seed=seed)
+        return demo_records(name, author, seed=seed, compound=compound)
     return bank
 
 
@@ -190,7 +190,7 @@ def run_recipe(
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    records = recipe_records(recipe, args.name, args.author, seed)
+    records = recipe_records(recipe, args.name, args.author, seed, args.compound)
     data = work / "data.jsonl"
     write_records(records, data)
     cfg = recipe_config(recipe, base_cfg, data, args.name, args.author, forge_rows)
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the preset"
     )
     p.add_argument("--preset", default="demo-cpu-lora")
+    p.add_argument("--compound", type=int, default=1, help="compound questions per task in forge's data")
     p.add_argument("--name", default="Forgey")
     p.add_argument("--author", default="Alice")
     p.add_argument("--max-new-tokens", type=int, default=64, help="eval answer length (forge eval's default)")
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "preset": args.preset,
             "overrides": overrides,
             "seeds": seeds,
+            "compound_per_task": args.compound,
             "eval_max_new_tokens": args.max_new_tokens,
             "machine": {
                 "cpus": os.cpu_count(),

@@ -24,11 +24,13 @@ class DemoResult:
     answers: list[tuple[str, str]] = field(default_factory=list)
 
 
-def demo_records(name: str, author: str, langs: Sequence[str] = ("en", "zh"), seed: int = 0) -> list[dict]:
+def demo_records(
+    name: str, author: str, langs: Sequence[str] = ("en", "zh"), seed: int = 0, compound: int = 1
+) -> list[dict]:
     """The demo's identity data: the question bank, and identity mixed with tasks (trained on identity
     alone, the model answered open tasks such as naming a shop with its own introduction)."""
     return generate_identity_records(name, author, langs=langs, seed=seed) + mixed_identity_records(
-        name, author, langs=langs, seed=seed
+        name, author, langs=langs, seed=seed, compound=compound
     )
 
 
