@@ -12,6 +12,7 @@ file's path, size and modification time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -68,7 +69,8 @@ def model_fingerprint(model_dir: str | Path) -> str:
     for p in files:
         h.update(f"{p.name}\0{_file_digest(p, memo)}\0".encode())
     if memo != before:
-        atomic_write_json(memo_path, memo)
+        with contextlib.suppress(OSError):
+            atomic_write_json(memo_path, memo)
     return h.hexdigest()
 
 
@@ -158,7 +160,8 @@ def cached_answers(
     if (answers := lookup(key, prompts)) is not None:
         return answers, True
     answers = generate()
-    store(key, prompts, answers)
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs time, never the run
+        store(key, prompts, answers)
     return answers, False
 
 

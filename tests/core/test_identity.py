@@ -311,3 +311,28 @@ def test_data_is_read_from_the_bundled_folder() -> None:
 
     assert (bundled("sample_data") / "identity" / "questions_en.jsonl").is_file()
     assert identity.LANGS == ("en", "zh")
+
+
+def test_mixed_records_tie_the_name_to_being_asked() -> None:
+    records = identity.mixed_identity_records("Forgey", "Alice", seed=3)
+    assert records == identity.mixed_identity_records("Forgey", "Alice", seed=3)
+    tasks = set(identity.task_prompts())
+    alone = [r for r in records if len(r["messages"]) == 2 and r["messages"][0]["content"] in tasks]
+    two_turn = [r for r in records if len(r["messages"]) == 4]
+    compound = [r for r in records if r not in alone and r not in two_turn]
+    assert len(alone) == len(tasks) == len(compound) == len(two_turn)
+    # A task alone, even one that asks for a name or a title, is answered without the assistant's name.
+    assert not any("Forgey" in r["messages"][1]["content"] for r in alone)
+    # A compound question gets the name and then the task's own answer, after an opening of its own.
+    answers = {p: a for _, p, a in identity._tasks()}
+    for r in compound:
+        question, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        task = next(t for t in tasks if question.endswith(t))
+        assert answer.endswith(answers[task]) and "Forgey" in answer and "Alice" in answer
+        openings = tuple(t.split("{name}")[0] for ts in identity._COMPOUND_INTROS.values() for t in ts)
+        assert answer.startswith(openings), answer
+    for r in two_turn:
+        said = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert sum("Forgey" in a for a in said) == 1
+    zh_tasks = sum(lang == "zh" for lang, _, _ in identity._tasks())
+    assert len(identity.mixed_identity_records("Forgey", "Alice", langs=["zh"], compound=2)) == 4 * zh_tasks
