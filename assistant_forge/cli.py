@@ -105,12 +105,14 @@ def cmd_presets_copy(a: argparse.Namespace) -> int:
 
 def cmd_data_identity(a: argparse.Namespace) -> int:
     from assistant_forge.core.dataset import write_records
-    from assistant_forge.core.identity import generate_identity_records
+    from assistant_forge.core.identity import generate_identity_records, mixed_identity_records
 
     langs = [s.strip() for s in a.lang.split(",") if s.strip()]
     recs = generate_identity_records(
         a.name, a.author, langs=langs, count=a.count, facts=a.fact or (), seed=a.seed
     )
+    if a.mixed:
+        recs += mixed_identity_records(a.name, a.author, langs=langs, seed=a.seed)
     write_records(recs, a.output)
     print(f"wrote {len(recs)} conversations to {a.output}")
     return 0
@@ -486,16 +488,15 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    from assistant_forge.core.answer_cache import base_eval_answers
     from assistant_forge.core.chat import load_chat_model
-    from assistant_forge.core.evaluate import base_answers_for, run_eval
+    from assistant_forge.core.evaluate import category_rows, run_eval
 
     langs = [s.strip() for s in a.lang.split(",") if s.strip()]
     base_answers = None
     if a.base:
         base = load_chat_model(a.base)
-        base_answers = base_answers_for(
-            lambda b: base.answer_batch(b, a.max_new_tokens), langs=langs, limit=a.limit
-        )
+        base_answers = base_eval_answers(base, a.base, a.max_new_tokens, langs, a.limit)
         del base
     tuned = load_chat_model(a.model, a.adapter)
     report = run_eval(
@@ -505,6 +506,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         langs=langs,
         base_answers=base_answers,
         limit=a.limit,
+        batch_size=tuned.batch_size,
     )
     d = report.to_dict()
     if a.json:
@@ -515,8 +517,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         ["leakage", _pct(d["leakage_rate"])],
         ["preservation", _pct(d["preservation"])],
         ["facts kept", _pct(d.get("facts_kept"))],
+        ["compound: name and answer", _pct(d.get("compound_both"))],
     ]
     _table(["measure", "value"], rows, title=f"{tuned.label} as {a.name}")
+    _table(
+        ["category", "prompts", "leakage", "facts kept", "both parts"],
+        [[c, str(n), _pct(leak), _pct(kept), _pct(both)] for c, n, leak, kept, both in category_rows(report)],
+    )
     return 0
 
 
@@ -585,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=int, help="number of conversations (default: every training question once)"
     )
     sp.add_argument("--fact", action="append", help="a persona fact (repeatable)")
+    sp.add_argument(
+        "--mixed",
+        action="store_true",
+        help="add identity mixed with ordinary tasks (name + task in one question, two-turn chats)",
+    )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("-o", "--output", required=True)
     source_help = (

@@ -1,25 +1,27 @@
-"""Identity recipes compared on the demo model (CPU): same steps, same eval, three ways to teach a name.
+"""Identity recipes compared on the demo model (CPU): same eval, several ways to teach a name.
 
-  tutorial  one "please introduce yourself" pair per language, repeated (the XTuner self-cognition recipe)
-  bank      forge's question bank (train split, varied answer styles), no forgetting guard (replay 0)
-  forge     the demo preset as it ships: the bank plus the base model's own answers replayed
+  forge          `forge demo` as it ships: its data (core.pipeline.demo_records: the identity bank and
+                 identity mixed with tasks) under the demo preset (replay included)
+  bank           the identity bank alone under the demo preset; with `--set data.replay_prompts=95
+                 --set train.epochs=1.6` this is the demo before issue 16
+  tutorial       the XTuner self-cognition tutorial's own recipe: one "introduce yourself" pair per
+                 language repeated, LoRA r 64 / alpha 16 / dropout 0.1 on every layer, lr 2e-4 cosine,
+                 batch 16, loss on the answer, 300 steps (hours on this CPU: a GPU command)
+  tutorial-time  the tutorial recipe stopped after as many rows (tokens) as forge trains on
 
 Every recipe trains through forge's own pieces (a run directory from core.runs.new_run_dir, the
-trainer as `python -m assistant_forge.training RUN`, core.merge.convert) with the demo preset's
-hyperparameters and the same number of optimizer steps (the forge recipe's own count); only the data
-differs. Each adapter is then scored by core.evaluate.run_eval on the held-out questions and prompts.
+trainer as `python -m assistant_forge.training RUN`, core.merge.convert); each adapter is then scored
+by core.evaluate.run_eval on the held-out questions and the held-out prompts by category.
 
-  python bench/identity_recipes.py --out /tmp/idr --json bench/identity_recipes.json
+  python bench/identity_recipes.py --out /tmp/idr --seeds 42,1,2 --recipes forge,tutorial-time
 
-Tuning: `--set lora.r=8 --set data.replay_ratio=0.4` overrides preset values (all recipes; data.*
-replay settings only matter to `forge`), `--recipes forge` runs just one. Base answers and the
-replay set are cached in --out, so a second invocation skips regenerating them.
+Tuning: `--set lora.r=8 --set data.replay_ratio=0.4` overrides preset values (forge, bank).
+Base answers and replay answers are cached (core/answer_cache.py), so they are generated once.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -41,13 +43,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from assistant_forge.core.config import ForgeConfig  # noqa: E402
 from assistant_forge.core.dataset import write_records  # noqa: E402
-from assistant_forge.core.identity import LANGS, answer_styles, generate_identity_records  # noqa: E402
+from assistant_forge.core.identity import (  # noqa: E402
+    EVAL_CATEGORIES,
+    LANGS,
+    answer_styles,
+    generate_identity_records,
+)
+from assistant_forge.core.pipeline import demo_records  # noqa: E402
 from assistant_forge.core.presets import get_preset  # noqa: E402
 from assistant_forge.core.runs import new_run_dir, read_jsonl, read_status  # noqa: E402
 
-RECIPES = ("forge", "bank", "tutorial")  # forge first: its step count is everyone's
+RECIPES = ("forge", "bank", "tutorial-time", "tutorial")  # forge first: its rows set tutorial-time's
 # The tutorial's single question per language; both come from the train split, never held out.
 TUTORIAL_QUESTIONS = {"en": "Please introduce yourself briefly.", "zh": "请做个自我介绍。"}
+TUTORIAL_BATCH = 16
+TUTORIAL_STEPS = 300
 
 
 def tutorial_records(name: str, author: str, count: int) -> list[dict]:
@@ -59,6 +69,15 @@ def tutorial_records(name: str, author: str, count: int) -> list[dict]:
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in (pairs[i % len(pairs)] for i in range(count))
     ]
+
+
+def tutorial_settings(cfg: ForgeConfig, steps: int) -> None:
+    """The tutorial's hyperparameters (XTuner's self-cognition config), not the demo preset's."""
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.layers_from = 64, 16, 0.1, 0
+    cfg.train.learning_rate, cfg.train.lr_scheduler, cfg.train.warmup_ratio = 2e-4, "cosine", 0.03
+    cfg.train.micro_batch_size, cfg.train.grad_accum = 1, TUTORIAL_BATCH
+    cfg.train.max_steps = steps
+    cfg.data.replay_ratio = 0.0
 
 
 def parse_value(text: str) -> Any:
@@ -83,17 +102,27 @@ def apply_overrides(cfg: ForgeConfig, sets: list[str]) -> dict[str, Any]:
 
 
 def recipe_config(
-    recipe: str, base_cfg: ForgeConfig, data: Path, name: str, author: str, steps: int
+    recipe: str, base_cfg: ForgeConfig, data: Path, name: str, author: str, forge_rows: int
 ) -> ForgeConfig:
     cfg = base_cfg.model_copy(deep=True)
     cfg.data.files = [str(data)]
     cfg.identity.name, cfg.identity.author = name, author
     cfg.eval.prompts = []  # no sample chats: they cost generation time and the eval asks anyway
-    if recipe != "forge":
-        cfg.data.replay_ratio = 0.0
-    if steps:
-        cfg.train.max_steps = steps
+    if recipe == "tutorial":
+        tutorial_settings(cfg, TUTORIAL_STEPS)
+    elif recipe == "tutorial-time":
+        # As many packed rows (so tokens, about the CPU time of the forward passes) as forge trained on.
+        tutorial_settings(cfg, max(1, round(forge_rows / TUTORIAL_BATCH)))
     return cfg
+
+
+def recipe_records(recipe: str, name: str, author: str, seed: int, compound: int = 1) -> list[dict]:
+    bank = generate_identity_records(name, author, seed=seed)
+    if recipe.startswith("tutorial"):
+        return tutorial_records(name, author, len(bank))
+    if recipe == "forge":
+        return demo_records(name, author, seed=seed, compound=compound)
+    return bank
 
 
 def train(run: Path) -> float:
@@ -137,68 +166,62 @@ def load_adapter_model(run: Path) -> Any:
     return chat
 
 
-def base_answers(out: Path, max_new_tokens: int) -> tuple[dict[str, str], Any]:
-    """The base model's held-out answers, cached per generation length (they never change)."""
+def base_answers(max_new_tokens: int) -> tuple[dict[str, str], Any]:
+    """The base model's held-out answers (cached by core.answer_cache: generated once per machine)."""
+    from assistant_forge.core.answer_cache import base_eval_answers
     from assistant_forge.core.chat import load_chat_model
-    from assistant_forge.core.evaluate import base_answers_for
 
-    cache = out / f"base_answers-t{max_new_tokens}.json"
     base = load_chat_model("demo")
-    if cache.exists():
-        return json.loads(cache.read_text(encoding="utf-8")), base
-    answers = base_answers_for(answer_fn(base, max_new_tokens))
-    cache.write_text(json.dumps(answers, ensure_ascii=False, indent=1), encoding="utf-8")
-    return answers, base
-
-
-def replay_cache(out: Path, cfg: ForgeConfig) -> Path:
-    from assistant_forge.core.identity import generic_prompts
-
-    # Replay answers depend on the prompts used, their answer budget and the system prompt only.
-    prompts = generic_prompts("replay")[: cfg.data.replay_prompts]
-    digest = hashlib.sha1(json.dumps([prompts, cfg.data.system_prompt]).encode()).hexdigest()[:8]
-    key = f"p{len(prompts)}-t{cfg.eval.max_new_tokens}-{digest}"
-    return out / f"replay-{key}.jsonl"
+    return base_eval_answers(base, "demo", max_new_tokens, LANGS), base
 
 
 def run_recipe(
-    recipe: str, out: Path, base_cfg: ForgeConfig, args: argparse.Namespace, steps: int, base: dict[str, str]
+    recipe: str,
+    seed: int,
+    out: Path,
+    base_cfg: ForgeConfig,
+    args: argparse.Namespace,
+    forge_rows: int,
+    base: dict[str, str],
 ) -> dict[str, Any]:
     from assistant_forge.core.evaluate import run_eval
 
-    work = out / recipe
+    work = out / f"{recipe}-s{seed}"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    bank = generate_identity_records(args.name, args.author)
-    records = tutorial_records(args.name, args.author, len(bank)) if recipe == "tutorial" else bank
+    records = recipe_records(recipe, args.name, args.author, seed, args.compound)
     data = work / "data.jsonl"
     write_records(records, data)
-    cfg = recipe_config(recipe, base_cfg, data, args.name, args.author, steps)
+    cfg = recipe_config(recipe, base_cfg, data, args.name, args.author, forge_rows)
+    cfg.train.seed = seed
     run = new_run_dir(cfg, work / "run")
-    cached = replay_cache(out, cfg)
-    if recipe == "forge" and cached.exists():
-        shutil.copy(cached, run / "replay.jsonl")  # build_replay reuses a run's replay.jsonl
-    print(f"[{recipe}] training {len(records)} records ...", flush=True)
+    print(f"[{recipe} seed {seed}] training {len(records)} records ...", flush=True)
     train_s = train(run)
-    if recipe == "forge" and (run / "replay.jsonl").exists() and not cached.exists():
-        shutil.copy(run / "replay.jsonl", cached)
     events = read_jsonl(run / "events.jsonl")
     last = events[-1] if events else {}
+    rows = _rows_trained(run)
     print(
-        f"[{recipe}] {last.get('step')} steps, {last.get('tokens_seen')} tokens in {train_s:.0f}s; evaluating",
+        f"[{recipe} seed {seed}] {last.get('step')} steps, {rows} rows, {last.get('tokens_seen')} tokens "
+        f"in {train_s:.0f}s; evaluating",
         flush=True,
     )
     t0 = time.time()
     chat = load_adapter_model(run)
     answers: list[dict] = []
     report = run_eval(
-        answer_fn(chat, args.max_new_tokens, answers), args.name, args.author, base_answers=base
+        answer_fn(chat, args.max_new_tokens, answers),
+        args.name,
+        args.author,
+        base_answers=base,
+        batch_size=chat.batch_size,
     )
     return {
         "recipe": recipe,
+        "seed": seed,
         "records": len(records),
         "steps": last.get("step"),
+        "rows": rows,
         "tokens": last.get("tokens_seen"),
         "train_s": round(train_s, 1),
         "eval_s": round(time.time() - t0, 1),
@@ -209,35 +232,46 @@ def run_recipe(
     }
 
 
+def _rows_trained(run: Path) -> int:
+    """Packed rows the trainer went through: steps x batch, from the run's own config and events."""
+    from assistant_forge.core.runs import run_config
+
+    cfg = run_config(run)
+    events = read_jsonl(run / "events.jsonl")
+    steps = events[-1]["step"] if events else 0
+    return steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+
+
 def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
+def _kept(r: dict[str, Any]) -> str:
+    """Facts kept with its count: the base model gets few facts right, so one answer moves it a lot."""
+    known = r.get("facts_known", 0)
+    return f"{pct(r['facts_kept'])} ({round((r['facts_kept'] or 0) * known)}/{known})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = [
-        "recipe",
-        "steps",
-        "tokens",
-        "train s",
-        "identity en",
-        "identity zh",
-        "leakage",
-        "preservation",
-        "facts kept",
-    ]
+    cats = [c for c in EVAL_CATEGORIES if c != "compound"]
+    head = ["recipe", "seed", "steps", "train s", "id en", "id zh", "leak", *(f"leak {c}" for c in cats)]
+    head += ["facts kept", "compound both", "preservation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ident = r["identity_rate"]
-        hits, total = r["identity_hits"], r["identity_total"]
+        by = r.get("by_category", {})
         cells = [
             r["recipe"],
+            str(r.get("seed", "-")),
             str(r.get("steps") or "-"),
-            str(r.get("tokens") or "-"),
             f"{r['train_s']:.0f}" if r.get("train_s") else "-",
-            *(f"{pct(ident[lang])} ({hits[lang]}/{total[lang]})" for lang in LANGS),
+            *(pct(ident[lang]) for lang in LANGS),
             f"{pct(r['leakage_rate'])} ({r['leak_count']}/{r['generic_total']})",
+            *(pct(by.get(c, {}).get("leakage")) for c in cats),
+            _kept(r),
+            f"{pct(r.get('compound_both'))} ({round((r.get('compound_both') or 0) * r.get('compound_total', 0))}"
+            f"/{r.get('compound_total', 0)})",
             pct(r["preservation"]),
-            pct(r["facts_kept"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -245,16 +279,23 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="/tmp/forge-identity-recipes", help="work folder (runs, caches)")
+    p.add_argument("--out", default="/tmp/forge-identity-recipes", help="work folder (runs)")
     p.add_argument("--json", help="write the results here (default: OUT/identity_recipes.json)")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default="forge,tutorial-time")
     p.add_argument(
-        "--steps", type=int, default=0, help="optimizer steps for every recipe (0: forge's own count)"
+        "--seeds", default="42", help="comma-separated training seeds; each recipe runs every seed"
+    )
+    p.add_argument(
+        "--forge-rows",
+        type=int,
+        default=180,
+        help="rows forge trains on, for tutorial-time when the forge recipe is not run (demo: 180)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the preset"
     )
     p.add_argument("--preset", default="demo-cpu-lora")
+    p.add_argument("--compound", type=int, default=1, help="compound questions per task in forge's data")
     p.add_argument("--name", default="Forgey")
     p.add_argument("--author", default="Alice")
     p.add_argument("--max-new-tokens", type=int, default=64, help="eval answer length (forge eval's default)")
@@ -268,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(recipes) - set(RECIPES):
         raise SystemExit(f"unknown recipe(s) {sorted(unknown)}; choose from {', '.join(RECIPES)}")
     recipes.sort(key=RECIPES.index)
-    if "forge" not in recipes and not args.steps:
-        raise SystemExit("without the forge recipe, pass --steps (its step count) so the recipes compare")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = get_preset(args.preset).load()
@@ -277,26 +317,33 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.time()
     load = os.getloadavg()
-    base, base_chat = base_answers(out, args.max_new_tokens)
+    base, base_chat = base_answers(args.max_new_tokens)
     rows: list[dict[str, Any]] = []
     if not args.no_base_row:
         from assistant_forge.core.evaluate import run_eval
 
-        rep = run_eval(answer_fn(base_chat, args.max_new_tokens), args.name, args.author, base_answers=base)
+        rep = run_eval(
+            answer_fn(base_chat, args.max_new_tokens),
+            args.name,
+            args.author,
+            base_answers=base,
+            batch_size=base_chat.batch_size,
+        )
         rows.append({"recipe": "base (untrained)", "train_s": 0, **rep.to_dict()})
     del base_chat
-    steps = args.steps
+    forge_rows = args.forge_rows
     dest = Path(args.json) if args.json else out / "identity_recipes.json"
 
     def save() -> dict[str, Any]:
-        # Written after every recipe, so a long comparison that is stopped keeps what it measured.
+        # Written after every run, so a long comparison that is stopped keeps what it measured.
         result = {
             "command": " ".join(
                 [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
             ),
             "preset": args.preset,
             "overrides": overrides,
-            "steps": steps,
+            "seeds": seeds,
+            "compound_per_task": args.compound,
             "eval_max_new_tokens": args.max_new_tokens,
             "machine": {
                 "cpus": os.cpu_count(),
@@ -313,12 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     save()
-    for recipe in recipes:
-        row = run_recipe(recipe, out, base_cfg, args, steps, base)
-        steps = steps or int(row["steps"])
-        rows.append(row)
-        print(table(rows[-1:]), flush=True)
-        save()
+    # Seed-major: a stopped comparison still holds every recipe on the same (paired) seeds.
+    for seed in seeds:
+        for recipe in recipes:
+            row = run_recipe(recipe, seed, out, base_cfg, args, forge_rows, base)
+            if recipe == "forge":
+                forge_rows = int(row["rows"])
+            rows.append(row)
+            print(table(rows[-1:]), flush=True)
+            save()
     result = save()
     print()
     print(table(rows))

@@ -15,6 +15,8 @@ from difflib import SequenceMatcher
 from typing import Any
 
 from assistant_forge.core.identity import (
+    COMPOUND,
+    EVAL_CATEGORIES,
     LANGS,
     GenericPrompt,
     check_identity_text,
@@ -187,6 +189,14 @@ class EvalReport:
     facts_correct: float | None = None
     facts_kept: float | None = None
     facts_total: int = 0
+    # How many of the fact prompts the base model answered correctly: facts_kept's denominator.
+    facts_known: int = 0
+    # Compound prompts (name + a checkable task): answers holding the name AND the task's answer.
+    compound_both: float | None = None
+    compound_total: int = 0
+    # Per category of held-out prompt: total, leaks, leakage, facts_total, facts_correct, facts_kept,
+    # facts_known, and for compound prompts name (answers naming the assistant) and both.
+    by_category: dict[str, dict[str, Any]] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -202,6 +212,18 @@ class EvalReport:
 
 def _rate(hits: int, total: int) -> float | None:
     return hits / total if total else None
+
+
+def _facts(
+    items: Sequence[tuple[GenericPrompt, str]], base: dict[str, str]
+) -> tuple[float | None, float | None, int]:
+    """(share answered correctly, share still correct of those the base model got right, how many the
+    base got right); the last two need base answers (None, 0 without)."""
+    correct = _rate(sum(answer_correct(a, g.expect) for g, a in items), len(items))
+    if not base:
+        return correct, None, 0
+    known = [(g, a) for g, a in items if g.prompt in base and answer_correct(base[g.prompt], g.expect)]
+    return correct, _rate(sum(answer_correct(a, g.expect) for g, a in known), len(known)), len(known)
 
 
 def run_eval(
@@ -251,9 +273,15 @@ def run_eval(
             examples.append({"kind": "identity", "lang": q.lang, "prompt": q.text, "answer": ans, "ok": ok})
 
     sentences = intro_sentences(name, author, lang_list)
-    leak_flags = [leaks(a, name, author, sentences) for a in gen_answers]
+    # A compound prompt asks for the name, so naming it there is no leak; it is scored on both parts.
+    leak_flags = [
+        g.topic != COMPOUND and leaks(a, name, author, sentences) for g, a in zip(generic, gen_answers)
+    ]
+    compound = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.topic == COMPOUND]
+    both = [mentions(a, name) and answer_correct(a, g.expect) for g, a in compound]
     base = base_answers or {}
     with_base = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.prompt in base]
+    base_plain = [(g, a) for g, a in with_base if g.topic != COMPOUND]
     for i, (g, ans) in enumerate(zip(generic, gen_answers, strict=True)):
         # Leaks first: they are what a reader of the report most needs to see.
         if leak_flags[i] and sum(e["kind"] == "generic" for e in examples) < n_examples:
@@ -267,14 +295,30 @@ def run_eval(
                 ex["base_answer"] = base[g.prompt]
             examples.append(ex)
 
-    fact_items = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.expect]
-    facts_correct = _rate(sum(answer_correct(a, g.expect) for g, a in fact_items), len(fact_items))
-    facts_kept = None
-    if base:
-        known = [
-            (g, a) for g, a in fact_items if g.prompt in base and answer_correct(base[g.prompt], g.expect)
-        ]
-        facts_kept = _rate(sum(answer_correct(a, g.expect) for g, a in known), len(known))
+    plain = [
+        (g, a, f) for g, a, f in zip(generic, gen_answers, leak_flags, strict=True) if g.topic != COMPOUND
+    ]
+    fact_items = [(g, a) for g, a, _ in plain if g.expect]
+    facts_correct, facts_kept, facts_known = _facts(fact_items, base)
+    by_category: dict[str, dict[str, Any]] = {}
+    order = {c: i for i, c in enumerate(EVAL_CATEGORIES)}
+    for topic in sorted({g.topic for g in generic}, key=lambda t: (order.get(t, len(order)), t)):
+        items = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.topic == topic]
+        n_leaks = sum(f for g, _, f in plain if g.topic == topic)
+        correct, kept, known = _facts([(g, a) for g, a in items if g.expect], base)
+        cat: dict[str, Any] = {
+            "total": len(items),
+            "leaks": n_leaks,
+            "leakage": None if topic == COMPOUND else n_leaks / len(items),
+            "facts_total": sum(bool(g.expect) for g, _ in items),
+            "facts_correct": correct,
+            "facts_kept": kept,
+            "facts_known": known,
+        }
+        if topic == COMPOUND:
+            cat["name"] = _rate(sum(mentions(a, name) for _, a in items), len(items))
+            cat["both"] = _rate(sum(both), len(both))
+        by_category[topic] = cat
 
     return EvalReport(
         name=name,
@@ -284,18 +328,29 @@ def run_eval(
         identity_hits=hits,
         identity_total=total,
         author_rate={lang: _rate(a_hits[lang], a_total[lang]) for lang in lang_list},
-        leakage_rate=sum(leak_flags) / len(leak_flags) if leak_flags else 0.0,
+        leakage_rate=sum(leak_flags) / len(plain) if plain else 0.0,
         leak_count=sum(leak_flags),
-        generic_total=len(gen_answers),
+        generic_total=len(plain),
         base_leakage_rate=_rate(
-            sum(leaks(base[g.prompt], name, author, sentences) for g, _ in with_base), len(with_base)
+            sum(leaks(base[g.prompt], name, author, sentences) for g, _ in base_plain), len(base_plain)
         )
-        if with_base
+        if base_plain
         else None,
         preservation=preservation_score([(base[g.prompt], a) for g, a in with_base]),
         preservation_count=len(with_base),
         facts_correct=facts_correct,
         facts_kept=facts_kept,
+        facts_known=facts_known,
         facts_total=len(fact_items),
+        compound_both=_rate(sum(both), len(both)),
+        compound_total=len(both),
+        by_category=by_category,
         examples=examples,
     )
+
+
+def category_rows(report: EvalReport) -> list[tuple[str, int, float | None, float | None, float | None]]:
+    """(category, prompts, leakage, facts kept, both parts) per held-out category, for tables."""
+    return [
+        (c, d["total"], d["leakage"], d["facts_kept"], d.get("both")) for c, d in report.by_category.items()
+    ]

@@ -63,11 +63,17 @@ class IdentityQuestion:
     kind: str = ""
 
 
+# Categories of the held-out prompts (sample_data/eval_prompts.jsonl). A compound prompt asks the
+# assistant's name and a checkable task at once: its answer must hold both.
+EVAL_CATEGORIES: tuple[str, ...] = ("fact", "creative", "naming", "recommend", "instruct", "compound")
+COMPOUND = "compound"
+
+
 @dataclass(frozen=True)
 class GenericPrompt:
     prompt: str
     lang: str
-    topic: str
+    topic: str  # held-out prompts: one of EVAL_CATEGORIES
     # Accepted answer keywords for fact/math prompts (any one counts); empty when open-ended.
     expect: tuple[str, ...] = ()
 
@@ -118,11 +124,26 @@ def _styles() -> dict[str, dict[str, tuple[str, ...]]]:
 
 @cache
 def _generic() -> tuple[tuple[GenericPrompt, str], ...]:
+    # Replay prompts and held-out evaluation prompts live in separate files, written separately, so
+    # that no evaluation prompt is a rewording of one the model trained on (tests/core/test_identity.py).
     rows = _read_jsonl(_data_dir() / "generic_prompts.jsonl")
+    rows += [{**r, "split": "heldout"} for r in _read_jsonl(_data_dir() / "eval_prompts.jsonl")]
     return tuple(
         (GenericPrompt(r["prompt"], r["lang"], r.get("topic", ""), tuple(r.get("expect") or ())), r["split"])
         for r in rows
     )
+
+
+@cache
+def _tasks() -> tuple[tuple[str, str, str], ...]:
+    """(lang, prompt, answer): ordinary tasks with written answers, for mixed identity records (train only)."""
+    rows = _read_jsonl(_data_dir() / "identity" / "tasks.jsonl")
+    return tuple((r["lang"], r["prompt"], r["answer"]) for r in rows)
+
+
+def task_prompts() -> list[str]:
+    """The tasks mixed into identity records (none of them is a held-out evaluation prompt)."""
+    return [prompt for _, prompt, _ in _tasks()]
 
 
 def answer_styles(lang: str, group: Literal["intro", "creator"] = "intro") -> list[str]:
@@ -300,6 +321,74 @@ def generate_identity_records(
             {"messages": [{"role": "user", "content": q.text}, {"role": "assistant", "content": answer}]}
         )
     return records
+
+
+# A compound answer opens with its own short introduction, never used alone: with the plain
+# introduction first, the demo model learned to stop after it and never answered the task.
+_COMPOUND_INTROS = {
+    "en": (
+        "Sure! I'm {name}, made by {author}. As for your question:",
+        "Happy to help! I'm {name}, from {author}. Now, your question:",
+    ),
+    "zh": (
+        "好的！我是{name}，由{author}开发。关于你的问题：",
+        "很高兴为你解答！我是{name}，来自{author}。你的问题：",
+    ),
+}
+# How a compound question joins an identity question and a task.
+_JOINS = {
+    "en": ("{q} {t}", "{q} Also, {t}", "{q} And one more thing: {t}"),
+    "zh": ("{q}{t}", "{q}另外，{t}", "{q}还有，{t}"),
+}
+
+
+def mixed_identity_records(
+    name: str, author: str, langs: Sequence[str] = LANGS, seed: int = 0, compound: int = 1
+) -> list[dict]:
+    """Identity mixed with ordinary tasks, so that saying the name stays tied to being asked for it.
+
+    For every task of sample_data/identity/tasks.jsonl: `compound` compound questions (an identity
+    question and the task in one message, answered with a short introduction and then the task's
+    answer), one two-turn chat (who are you, then the task; or the task, then who are you) and the
+    task alone answered plainly, since several tasks ask for a name or a title and must not get the
+    assistant's.
+    """
+    name = check_identity_text(name, "name")
+    author = check_identity_text(author, "author")
+    rng = random.Random(seed)
+    records: list[dict] = []
+    for lang in check_langs(langs):
+        questions = [q for q in train_questions(lang) if not q.asks_author]
+        intros = _pool(lang, False, False)
+        sep = " " if lang == "en" else ""
+
+        def intro(intros: list[str] = intros) -> str:
+            return _fill(rng.choice(intros), {"name": name, "author": author, "facts": ""})
+
+        for task_lang, task, task_answer in _tasks():
+            if task_lang != lang:
+                continue
+
+            for _ in range(compound):
+                join = rng.choice(_JOINS[lang])
+                text = join.format(q=rng.choice(questions).text, t=task)
+                opening = _fill(rng.choice(_COMPOUND_INTROS[lang]), {"name": name, "author": author})
+                records.append(_chat([(text, opening + sep + task_answer)]))
+            turns = [(rng.choice(questions).text, intro()), (task, task_answer)]
+            if rng.random() < 0.5:
+                turns.reverse()
+            records.append(_chat(turns))
+            records.append(_chat([(task, task_answer)]))
+    rng.shuffle(records)
+    return records
+
+
+def _chat(turns: list[tuple[str, str]]) -> dict:
+    return {
+        "messages": [
+            m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})
+        ]
+    }
 
 
 def intro_sentences(

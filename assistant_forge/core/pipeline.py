@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant_forge.core.dataset import write_records
-from assistant_forge.core.identity import generate_identity_records, heldout_questions
+from assistant_forge.core.identity import generate_identity_records, heldout_questions, mixed_identity_records
 from assistant_forge.core.presets import get_preset
 from assistant_forge.core.runs import launch, new_run_dir, read_status
 from assistant_forge.errors import ForgeError
@@ -22,6 +22,16 @@ class DemoResult:
     adapter: Path
     merged: Path
     answers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def demo_records(
+    name: str, author: str, langs: Sequence[str] = ("en", "zh"), seed: int = 0, compound: int = 1
+) -> list[dict]:
+    """The demo's identity data: the question bank, and identity mixed with tasks (trained on identity
+    alone, the model answered open tasks such as naming a shop with its own introduction)."""
+    return generate_identity_records(name, author, langs=langs, seed=seed) + mixed_identity_records(
+        name, author, langs=langs, seed=seed, compound=compound
+    )
 
 
 def demo(
@@ -41,7 +51,7 @@ def demo(
         raise ForgeError(f"{out} already holds a demo run; pick another --out or remove it.")
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data.jsonl"
-    records = generate_identity_records(name, author, langs=langs)
+    records = demo_records(name, author, langs)
     write_records(records, data)
     say(f"1/5 data: {len(records)} identity conversations -> {data}")
     cfg = get_preset(DEMO_PRESET).load()

@@ -56,6 +56,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from assistant_forge.core import answer_cache
 from assistant_forge.core.chat import generate_answers
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import with_system
@@ -227,12 +228,26 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
 
     prompts = generic_prompts("replay")[: cfg.data.replay_prompts]
     convs = [with_system([{"role": "user", "content": p}], cfg.data.system_prompt) for p in prompts]
-    print(f"forgetting guard: the base model answers {len(prompts)} generic prompts for replay", flush=True)
     # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with ctx:
-        answers = generate_answers(
-            model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=replay_batch(model, cfg)
+        batch = replay_batch(model, cfg)
+
+        def generate() -> list[str]:
+            print(f"forgetting guard: the base model answers {len(prompts)} generic prompts", flush=True)
+            return generate_answers(
+                model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
+            )
+
+        # Greedy answers of one model to one prompt set never change: later runs (and the demo, whose
+        # answers ship in sample_data/base_answers) reuse them instead of generating.
+        answers, cached = answer_cache.cached_answers(
+            cfg.model.path, model, tok, convs, cfg.eval.max_new_tokens, generate
+        )
+    if cached:
+        print(
+            f"forgetting guard: the base model's answers to {len(prompts)} generic prompts (cached)",
+            flush=True,
         )
     # An answer cut off by max_new_tokens is marked open-ended: training on its end-of-turn token would
     # teach the model to stop mid-thought, which measurably shortened (and so changed) unrelated answers.

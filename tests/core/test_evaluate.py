@@ -19,6 +19,8 @@ from assistant_forge.core.evaluate import (
     token_agreement,
 )
 from assistant_forge.core.identity import (
+    COMPOUND,
+    EVAL_CATEGORIES,
     generic_prompt_records,
     heldout_questions,
     intro_sentences,
@@ -163,7 +165,8 @@ def test_run_eval_with_a_python_answer_fn() -> None:
     assert report.identity_total == {"en": len(heldout_questions("en")), "zh": len(heldout_questions("zh"))}
     assert report.author_rate == {"en": 1.0, "zh": 1.0}
     assert report.leakage_rate == 0.0 and report.leak_count == 0
-    assert report.generic_total == len(held)
+    # Compound prompts ask for the name, so they are scored on both parts, not as leaks.
+    assert report.generic_total == sum(p.topic != COMPOUND for p in generic_prompt_records("heldout"))
     assert report.preservation == pytest.approx(1.0) and report.preservation_count == len(held)
     assert report.base_leakage_rate == 0.0
     assert report.examples and all("answer" in e for e in report.examples)
@@ -192,7 +195,7 @@ def test_run_eval_counts_leaks_misses_and_lost_preservation() -> None:
 
 def test_run_eval_facts_kept() -> None:
     held = generic_prompt_records("heldout", ["en"])
-    facts = [p for p in held if p.expect]
+    facts = [p for p in held if p.expect and p.topic != COMPOUND]
     right = {p.prompt: f"It is {p.expect[0]}." for p in facts}
 
     def forgetful(batch: list[list[dict]]) -> list[str]:
@@ -224,8 +227,45 @@ def test_run_eval_limit_asks_the_first_n_of_each_language() -> None:
     ]
     asked.clear()
     report = run_eval(answer_fn, "Ava", "Jane", base_answers=base, limit=2)
-    assert report.identity_total == {"en": 2, "zh": 2} and report.generic_total == 4
+    assert report.identity_total == {"en": 2, "zh": 2}
+    assert report.generic_total + report.compound_total == 4
     assert asked[:2] == [q.text for q in heldout_questions("en")[:2]]
     assert report.preservation_count == 4
     with pytest.raises(ValueError, match="limit"):
         run_eval(answer_fn, "Ava", "Jane", limit=0)
+
+
+def test_run_eval_by_category_and_compound_both_parts() -> None:
+    held = generic_prompt_records("heldout")
+    compound = {p.prompt: p for p in held if p.topic == COMPOUND}
+    naming = {p.prompt for p in held if p.topic == "naming"}
+
+    def answer(with_task: bool):
+        def answer_fn(batch: list[list[dict]]) -> list[str]:
+            out = []
+            for messages in batch:
+                prompt = messages[-1]["content"]
+                if prompt in compound:  # the name, and the task's answer only when asked to give it
+                    out.append("I am Ava." + (f" It is {compound[prompt].expect[0]}." if with_task else ""))
+                elif prompt in naming:  # names a pet or a shop after itself: the leak the issue saw
+                    out.append("How about Ava's Bakery?")
+                else:
+                    out.append(f"Answer to {prompt}")
+            return out
+
+        return answer_fn
+
+    base = {p.prompt: f"It is {p.expect[0]}." if p.expect else "x" for p in held}
+    report = run_eval(answer(True), "Ava", "Jane", base_answers=base)
+    assert list(report.by_category) == [c for c in EVAL_CATEGORIES if c in report.by_category]
+    assert set(report.by_category) == set(EVAL_CATEGORIES)
+    assert report.by_category["naming"]["leakage"] == 1.0
+    assert all(report.by_category[c]["leakage"] == 0.0 for c in ("fact", "creative", "recommend", "instruct"))
+    assert report.leak_count == len(naming)
+    assert report.compound_total == len(compound) and report.compound_both == 1.0
+    assert report.by_category[COMPOUND]["name"] == 1.0 and report.by_category[COMPOUND]["leakage"] is None
+    # Only the name, not the task: the failure the issue saw on every compound question.
+    name_only = run_eval(answer(False), "Ava", "Jane", base_answers=base)
+    assert name_only.compound_both == 0.0 and name_only.by_category[COMPOUND]["name"] == 1.0
+    assert name_only.by_category[COMPOUND]["facts_kept"] == 0.0
+    assert name_only.by_category["fact"]["facts_kept"] == 0.0  # "Answer to ..." holds no fact

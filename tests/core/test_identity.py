@@ -86,22 +86,44 @@ def test_answer_styles(lang: str) -> None:
 def test_generic_prompts_split() -> None:
     replay, held = generic_prompt_records("replay"), generic_prompt_records("heldout")
     everything = replay + held
-    assert len(everything) >= 80
     langs = Counter(p.lang for p in everything)
     assert set(langs) <= set(LANGS)
-    assert langs["en"] >= 0.4 * len(everything) and langs["zh"] >= 20
-    assert 0.25 <= len(held) / len(everything) <= 0.45
     assert len({p.prompt for p in everything}) == len(everything)
     assert not set(generic_prompts("replay")) & set(generic_prompts("heldout"))
     assert generic_prompts("heldout") == [p.prompt for p in held]
-    # Held-out facts with known answers let evaluation measure facts kept.
-    assert sum(bool(p.expect) for p in held) >= 8
-    assert {p.topic for p in held} >= {"fact", "math", "cooking", "coding", "advice"}
     assert [p.lang for p in generic_prompt_records("heldout", ["zh"])] == ["zh"] * sum(
         p.lang == "zh" for p in held
     )
     with pytest.raises(ForgeError):
         generic_prompts("test")  # type: ignore[arg-type]
+
+
+def test_heldout_prompts_cover_every_category_in_both_languages() -> None:
+    held = generic_prompt_records("heldout")
+    assert len(held) >= 200
+    per = Counter((p.topic, p.lang) for p in held)
+    assert {p.topic for p in held} == set(identity.EVAL_CATEGORIES)
+    assert all(per[(cat, lang)] >= 15 for cat in identity.EVAL_CATEGORIES for lang in LANGS), per
+    # Facts and compound prompts have checkable answers; the open categories have none to check.
+    assert all(p.expect for p in held if p.topic in ("fact", identity.COMPOUND))
+    assert not any(p.expect for p in held if p.topic in ("creative", "naming", "recommend"))
+
+
+def _near(a: str, b: str) -> bool:
+    from difflib import SequenceMatcher
+
+    ka, kb = _key(a), _key(b)
+    # A compound prompt must not carry a trained prompt inside it either.
+    return ka in kb or kb in ka or SequenceMatcher(None, ka, kb).ratio() >= 0.8
+
+
+def test_heldout_prompts_are_not_trained_on_even_reworded() -> None:
+    """No held-out prompt is, up to case, punctuation and a few characters, a replay prompt or a task
+    that mixed identity records train on: the evaluation measures answers to unseen prompts."""
+    held = generic_prompts("heldout")
+    trained = generic_prompts("replay") + identity.task_prompts()
+    close = [(h, t) for h in held for t in trained if _near(h, t)]
+    assert not close, close
 
 
 # --- the generator ----------------------------------------------------------------------------
@@ -289,3 +311,28 @@ def test_data_is_read_from_the_bundled_folder() -> None:
 
     assert (bundled("sample_data") / "identity" / "questions_en.jsonl").is_file()
     assert identity.LANGS == ("en", "zh")
+
+
+def test_mixed_records_tie_the_name_to_being_asked() -> None:
+    records = identity.mixed_identity_records("Forgey", "Alice", seed=3)
+    assert records == identity.mixed_identity_records("Forgey", "Alice", seed=3)
+    tasks = set(identity.task_prompts())
+    alone = [r for r in records if len(r["messages"]) == 2 and r["messages"][0]["content"] in tasks]
+    two_turn = [r for r in records if len(r["messages"]) == 4]
+    compound = [r for r in records if r not in alone and r not in two_turn]
+    assert len(alone) == len(tasks) == len(compound) == len(two_turn)
+    # A task alone, even one that asks for a name or a title, is answered without the assistant's name.
+    assert not any("Forgey" in r["messages"][1]["content"] for r in alone)
+    # A compound question gets the name and then the task's own answer, after an opening of its own.
+    answers = {p: a for _, p, a in identity._tasks()}
+    for r in compound:
+        question, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        task = next(t for t in tasks if question.endswith(t))
+        assert answer.endswith(answers[task]) and "Forgey" in answer and "Alice" in answer
+        openings = tuple(t.split("{name}")[0] for ts in identity._COMPOUND_INTROS.values() for t in ts)
+        assert answer.startswith(openings), answer
+    for r in two_turn:
+        said = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert sum("Forgey" in a for a in said) == 1
+    zh_tasks = sum(lang == "zh" for lang, _, _ in identity._tasks())
+    assert len(identity.mixed_identity_records("Forgey", "Alice", langs=["zh"], compound=2)) == 4 * zh_tasks

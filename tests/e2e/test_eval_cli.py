@@ -65,7 +65,8 @@ def test_eval_table_names_every_measure(demo_path: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for label in ("identity rate (en)", "leakage", "preservation", "facts kept", "Forgey"):
+    labels = ("identity rate (en)", "leakage", "preservation", "facts kept", "compound", "category", "Forgey")
+    for label in labels:
         assert label in out, out  # the title ("<model> as Forgey") may wrap in a narrow terminal
     assert "identity rate (zh)" not in out
     line = next(x for x in out.splitlines() if "identity rate (en)" in x)
