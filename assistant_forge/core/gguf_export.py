@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge.core.fsutil import atomic_path
+from assistant_forge.core.memory import model_shape
 from assistant_forge.errors import ForgeError
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0")
@@ -194,30 +195,22 @@ def _rope(config: dict) -> tuple[float, dict]:
     return float(theta), ({**merged, "rope_type": kind} if kind != "default" else {})
 
 
-def _head_dim(config: dict) -> int:
-    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-
-
 def _add_hparams(w: Any, config: dict) -> None:
     import gguf
 
-    heads, kv_heads = (
-        config["num_attention_heads"],
-        config.get("num_key_value_heads") or config["num_attention_heads"],
-    )
-    head_dim = _head_dim(config)
+    shape = model_shape(config)
     w.add_context_length(int(config.get("max_position_embeddings") or 4096))
-    w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
+    w.add_embedding_length(shape.hidden)
+    w.add_block_count(shape.layers)
+    w.add_feed_forward_length(shape.intermediate)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    w.add_vocab_size(config["vocab_size"])
-    w.add_rope_dimension_count(head_dim)
-    if head_dim * heads != config["hidden_size"]:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_vocab_size(shape.vocab)
+    w.add_rope_dimension_count(shape.head_dim)
+    if shape.head_dim * shape.heads != shape.hidden:
+        w.add_key_length(shape.head_dim)
+        w.add_value_length(shape.head_dim)
     theta, scaling = _rope(config)
     w.add_rope_freq_base(theta)
     kind = scaling.get("rope_type")
@@ -335,7 +328,7 @@ def _llama3_rope_factors(config: dict, scaling: dict) -> Any:
     `factor`, a smooth blend between (the scaling transformers applies to inv_freq)."""
     import numpy as np
 
-    dim = _head_dim(config)
+    dim = model_shape(config).head_dim
     theta, _ = _rope(config)
     factor = float(scaling["factor"])
     low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))

@@ -70,15 +70,11 @@ def row_order(
     room = _RoomIndex(max_length)
     for i in by_length:
         n = min(int(lengths[i]), max_length)
-        row = room.take(n)
-        if row is None:
-            row = len(rows)
+        row, left = room.take(n) or (len(rows), max_length)
+        if row == len(rows):
             rows.append([])
-            free = max_length - n
-        else:
-            free = room.freed - n
         rows[row].append(i)
-        room.put(row, free)
+        room.put(row, left - n)
     rng.shuffle(rows)
     order = [i for r in rows for i in r]
     starts = [0]
@@ -95,7 +91,6 @@ class _RoomIndex:
         self.size = max_length + 1
         self.tree = [0] * (self.size + 1)
         self.rows: list[list[int]] = [[] for _ in range(self.size)]
-        self.freed = 0  # the room the last taken row had
         self.top = 1 << self.size.bit_length()
 
     def _add(self, room: int, delta: int) -> None:
@@ -109,8 +104,8 @@ class _RoomIndex:
             self.rows[room].append(row)
             self._add(room, 1)
 
-    def take(self, n: int) -> int | None:
-        """Remove and return the row with the least room >= n, or None."""
+    def take(self, n: int) -> tuple[int, int] | None:
+        """Remove and return the row with the least room >= n and that room, or None."""
         before = self._prefix(n - 1)  # rows with room < n
         # The (before+1)-th row in order of room, found by descending the tree.
         k, pos, want = 0, self.top, before + 1
@@ -123,9 +118,8 @@ class _RoomIndex:
         if k >= self.size:
             return None
         room = k  # tree index k + 1 holds room k
-        self.freed = room
         self._add(room, -1)
-        return self.rows[room].pop()
+        return self.rows[room].pop(), room
 
     def _prefix(self, room: int) -> int:
         total, k = 0, room + 1
@@ -230,9 +224,8 @@ def pack_dataset(samples: Any, max_length: int, packing: bool, seed: int) -> Any
         return kept[np.asarray(order, dtype=np.int64)], starts
 
     code = inspect.getsource(_write_packed) + inspect.getsource(row_order) + inspect.getsource(_RoomIndex)
-    key = hashlib.sha256(f"{samples._fingerprint}|{max_length}|{packing}|{seed}|{code}".encode()).hexdigest()[
-        :32
-    ]
+    digest = hashlib.sha256(f"{samples._fingerprint}|{max_length}|{packing}|{seed}|{code}".encode())
+    key = digest.hexdigest()[:32]
     folders = {Path(f["filename"]).parent for f in samples.cache_files}
     if not folders:  # samples held in memory (a tiny run): no cache to keep
         return datasets.Dataset(_packed_table(samples, *rows(), lengths))

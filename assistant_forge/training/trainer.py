@@ -61,6 +61,7 @@ from assistant_forge.core.chat import generate_answers
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import with_system
 from assistant_forge.core.fsutil import append_jsonl, atomic_write_jsonl, restrict_umask
+from assistant_forge.core.memory import model_shape
 from assistant_forge.core.models import quiet_transformers
 from assistant_forge.core.runs import (
     RunLock,
@@ -232,10 +233,10 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with ctx:
-        batch = replay_batch(model, tok, convs, cfg)
 
         def generate() -> list[str]:
             print(f"forgetting guard: the base model answers {len(prompts)} generic prompts", flush=True)
+            batch = replay_batch(model, tok, convs, cfg)
             return generate_answers(
                 model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
             )
@@ -274,11 +275,10 @@ def replay_batch(model: Any, tok: Any, convs: list[list[dict]], cfg: ForgeConfig
     if pick_device(cfg) == "cpu" or not torch.cuda.is_available():
         return 64
     prompt_tokens = max(len(tok(render(tok, c, add_generation_prompt=True))["input_ids"]) for c in convs)
-    c = model.config
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    per_seq = 2 * c.num_hidden_layers * kv_heads * head_dim * 2 * (prompt_tokens + cfg.eval.max_new_tokens)
+    shape = model_shape(model.config)
+    per_seq = (
+        2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * (prompt_tokens + cfg.eval.max_new_tokens)
+    )
     free = fast.memory_budget_bytes(cfg) - torch.cuda.memory_allocated()
     return max(1, min(64, int(free * 0.5 // per_seq)))
 
