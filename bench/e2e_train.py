@@ -12,8 +12,10 @@ Data is real-shaped: the identity records `forge data identity` writes (short, a
 mixed 1:1 with general conversations of log-normal length (median ~450 tokens, up to several thousand,
 like oasst/ShareGPT turns), so packed rows have varying lengths, as in real training. The config is a
 QLoRA preset's (NF4, r 64, alpha 16, dropout 0.1, all projections, packing, replay 0.3, cosine, paged
-AdamW) with a shorter run: grad_accum 2 (the presets' 16 would make 60 steps take 15 minutes of peer
-time), sample answers every 20 steps (64 new tokens), checkpoints at half and at the end.
+AdamW) with the presets' gradient accumulation (16; --grad-accum), sample answers every --sample-every
+steps (64 new tokens), checkpoints at half and at the end. A 100-step run at 16 micro-batches is ~15
+minutes of the peer's time, more than one device call: the table also projects each run to 100 steps
+(its measured wall time plus the missing steps at its median step time).
 
 Runs (each a real `python -m assistant_forge train CONFIG --run-dir DIR` subprocess, output timed line by line
 as the user sees it):
@@ -22,6 +24,7 @@ as the user sees it):
   fast       forge's fast path, default budget (the whole GPU)
   fast@peer  the fast path with memory_budget_gib = the plain run's peak (needs `plain` first)
   fast@G     the fast path with memory_budget_gib = G (e.g. fast@5.4)
+  .../sdpa   without varlen attention (train.varlen_attention = false): SDPA with a block mask
 A run name may end in `+` to run it again in the same call (warm caches: torch's compile cache, the
 replay cache): `fast,fast+`.
 
@@ -111,7 +114,18 @@ def make_model(work: Path, shape: str, seq: int, tokenizer: Path) -> Path:
     return model_dir
 
 
-def forge_config(work: Path, model: Path, seq: int, steps: int, *, fused: bool, budget: float) -> dict:
+def forge_config(
+    work: Path,
+    model: Path,
+    seq: int,
+    steps: int,
+    *,
+    fused: bool,
+    budget: float,
+    varlen: bool = True,
+    grad_accum: int = 16,
+    sample_every: int = 20,
+) -> dict:
     return {
         "model": {"path": str(model)},
         "data": {
@@ -125,7 +139,7 @@ def forge_config(work: Path, model: Path, seq: int, steps: int, *, fused: bool, 
         "train": {
             "max_steps": steps,
             "micro_batch_size": 1,
-            "grad_accum": 2,
+            "grad_accum": grad_accum,
             "save_steps": max(1, steps // 2),
             "learning_rate": 2e-4,
             "lr_scheduler": "cosine",
@@ -133,10 +147,11 @@ def forge_config(work: Path, model: Path, seq: int, steps: int, *, fused: bool, 
             "optimizer": "paged_adamw_32bit",
             "fused_kernels": fused,
             "memory_budget_gib": budget,
+            "varlen_attention": varlen,
         },
         "eval": {
             "prompts": ["Who are you?", "你是谁？", "What is the capital of France?"],
-            "sample_every": 20,
+            "sample_every": sample_every,
             "max_new_tokens": 64,
         },
     }
@@ -147,11 +162,11 @@ STEP = re.compile(r"^step (\d+)/(\d+) ")
 TIMED = re.compile(r"^(samples at step|checkpoint-)\S* .*?([\d.]+) s\b")
 
 
-def run(work: Path, out: Path, name: str, raw: dict) -> dict:
+def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None = None) -> dict:
     from assistant_forge.core.config import parse_config, save_config
     from assistant_forge.core.runs import read_jsonl, read_status
 
-    tag = name.replace("@", "_at_").replace("+", "_again")
+    tag = name.replace("@", "_at_").replace("+", "_again").replace("/", "_")
     cfg_path = work / f"{tag}.toml"
     save_config(parse_config(raw), cfg_path)
     run_dir = work / tag
@@ -162,6 +177,7 @@ def run(work: Path, out: Path, name: str, raw: dict) -> dict:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     lines: list[tuple[float, str]] = []
     assert proc.stdout is not None
@@ -182,6 +198,10 @@ def run(work: Path, out: Path, name: str, raw: dict) -> dict:
         m = TIMED.match(s)
         if m:
             timed["samples" if m.group(1).startswith("samples") else "saves"] += float(m.group(2))
+    if (run_dir / "profile.txt").exists():
+        shutil.copy(run_dir / "profile.txt", out / f"{tag}.profile.txt")
+    step_at = [t for t, s in lines if STEP.match(s)]
+    step_s = sorted(b - a for a, b in zip(step_at[2:], step_at[3:]))  # from step 3 on, as tok/s
     tps = [e["tokens_per_s"] for e in events if e["step"] > 3]
     tps_sorted = sorted(tps)
     rec.update(
@@ -192,31 +212,43 @@ def run(work: Path, out: Path, name: str, raw: dict) -> dict:
         samples_s=round(timed["samples"], 1),
         saves_s=round(timed["saves"], 1),
         mem_gib=max(e.get("mem_gib") or 0 for e in events),
+        resident_gib=max(e.get("mem_resident_gib") or 0 for e in events),
+        step_s=round(statistics.median(step_s), 3) if step_s else None,
+        steps=len(step_at),
         plan=[s for _, s in lines if s.startswith("fast path:")][:1],
         losses={e["step"]: e["loss"] for e in events},
     )
     return rec
 
 
-def table(results: list[dict]) -> str:
+def projected(r: dict, steps: int) -> float:
+    """Wall time of the same run at `steps` optimizer steps: the measured run (its fixed costs, samples
+    and saves as they fell) plus or minus whole steps at the median step time."""
+    return r["wall_s"] + (steps - r["steps"]) * r["step_s"]
+
+
+def table(results: list[dict], at: int = 100) -> str:
     base = next((r for r in results if r["run"] == "plain" and r.get("tokens_per_s")), None)
     out = [
-        "| run | preflight s | first step s | median tok/s | p10 tok/s | x plain | samples s | saves s "
-        "| wall s | x plain wall | peak GiB | loss diff vs plain (mean/max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | preflight s | first step s | step s | median tok/s | p10 tok/s | x plain | samples s | saves s "
+        f"| wall s | x plain wall | {at}-step wall s (projected) | x plain ({at}) | peak GiB | resident GiB "
+        "| loss diff vs plain (mean/max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if not r.get("tokens_per_s"):
-            out.append(f"| {r['run']} | error: {str(r.get('error', ''))[-160:]!r} |" + " |" * 11)
+            out.append(f"| {r['run']} | error: {str(r.get('error', ''))[-160:]!r} |" + " |" * 14)
             continue
         x = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
         xw = base["wall_s"] / r["wall_s"] if base else math.nan
+        p100 = projected(r, at)
+        x100 = projected(base, at) / p100 if base else math.nan
         diffs = [abs(v - base["losses"][s]) for s, v in r["losses"].items() if base and s in base["losses"]]
         d = f"{statistics.mean(diffs):.3f}/{max(diffs):.3f}" if diffs else "-"
         out.append(
-            f"| {r['run']} | {r['preflight_s']} | {r['first_step_s']} | {r['tokens_per_s']:.0f} | "
+            f"| {r['run']} | {r['preflight_s']} | {r['first_step_s']} | {r['step_s']} | {r['tokens_per_s']:.0f} | "
             f"{r['p10_tokens_per_s']:.0f} | {x:.2f} | {r['samples_s']} | {r['saves_s']} | {r['wall_s']} | "
-            f"{xw:.2f} | {r['mem_gib']} | {d} |"
+            f"{xw:.2f} | {p100:.0f} | {x100:.2f} | {r['mem_gib']} | {r['resident_gib']} | {d} |"
         )
     return "\n".join(out)
 
@@ -231,6 +263,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--runs", default="plain,fast,fast@peer")
     ap.add_argument("--conversations", type=int, default=3000, help="identity + general, half each")
+    ap.add_argument("--grad-accum", type=int, default=16, help="micro-batches a step (the presets': 16)")
+    ap.add_argument("--sample-every", type=int, default=20, help="sample answers every N steps")
+    ap.add_argument("--profile", default="", help="optimizer steps A-B to profile in fast runs (profile.txt)")
+    ap.add_argument("--torch-logs", default="", help="TORCH_LOGS for fast runs, e.g. recompiles")
     a = ap.parse_args()
 
     from assistant_forge.core.dataset import write_records
@@ -247,7 +283,7 @@ def main() -> int:
     write_records(general_conversations(half, seed=0), work / "general.jsonl")
     results: list[dict] = []
     for name in a.runs.split(","):
-        kind = name.rstrip("+")
+        kind, _, flag = name.rstrip("+").partition("/")  # fast@peer/sdpa: without varlen attention
         budget = 0.0
         if kind.startswith("fast@"):
             arg = kind.split("@", 1)[1]
@@ -259,12 +295,25 @@ def main() -> int:
                 budget = plain["mem_gib"]
             else:
                 budget = float(arg)
-        raw = forge_config(work, model, a.seq, a.steps, fused=kind != "plain", budget=budget)
-        rec = run(work, out, name, raw)
+        raw = forge_config(
+            work,
+            model,
+            a.seq,
+            a.steps,
+            fused=kind != "plain",
+            budget=budget,
+            varlen=flag != "sdpa",
+            grad_accum=a.grad_accum,
+            sample_every=a.sample_every,
+        )
+        env = {}
+        if kind != "plain":
+            env = {k: v for k, v in (("FORGE_PROFILE_STEPS", a.profile), ("TORCH_LOGS", a.torch_logs)) if v}
+        rec = run(work, out, name, raw, env)
         results.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "losses"}), flush=True)
     (out / f"e2e_{a.shape}_{a.seq}.json").write_text(json.dumps(results, indent=1))
-    print(f"\n`forge train`, {a.shape} shape, seq {a.seq}, {a.steps} steps x 2 rows\n")
+    print(f"\n`forge train`, {a.shape} shape, seq {a.seq}, {a.steps} steps x {a.grad_accum} rows\n")
     print(table(results))
     return 0
 

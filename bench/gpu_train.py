@@ -643,6 +643,15 @@ def check(out: Path | None) -> bool:
         good = errs["loss_abs"] < 1e-4 and errs["gh"] < 1.5e-2
         ok &= good
         results.append({"check": "fused_ce", "denom": denom, "ok": good, **errs})
+    if dev == "cuda":  # flash attention's varlen kernel against SDPA per sample (7B's heads, 1.5B's GQA)
+        from assistant_forge.training.fast import attention
+
+        for heads, kv in ((32, 32), (12, 2)):
+            why = attention.self_test(torch.device(dev), heads, kv, 128, torch.bfloat16)
+            ok &= why is None
+            results.append(
+                {"check": "varlen_attention", "heads": heads, "kv_heads": kv, "ok": why is None, "why": why}
+            )
     for r in results:
         log(json.dumps(r))
         if out is not None:

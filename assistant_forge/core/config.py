@@ -147,6 +147,10 @@ class TrainSection(_Section):
         True,
         description="fast path: replay each checkpointed layer as CUDA graphs (captured at step 2; one row length)",
     )
+    varlen_attention: bool = Field(
+        True,
+        description="fast path: packed samples attend only to themselves, through flash attention's variable-length kernel (torch >= 2.10)",
+    )
     checkpoint_policy: Literal["auto", "all", "offload", "none"] = Field(
         "auto",
         description="auto: checkpoint only as many layers as the memory budget needs; offload: all, inputs kept on the host",

@@ -327,6 +327,9 @@ def _join(parts: list[dict]) -> dict:
 
 
 REAL_TOKENS = "forge_real_tokens"  # a collated batch's token count without padding (not a model input)
+# The samples' boundaries in a flat micro-batch, under the names transformers passes down to the
+# attention function (training.fast.attention reads them).
+CU_SEQ_Q, CU_SEQ_K, MAX_Q, MAX_K = "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"
 
 
 class FlatCollator:
@@ -336,10 +339,14 @@ class FlatCollator:
     every micro-batch has one shape: compiled layers never recompile and their CUDA graphs replay on
     every step. The batch carries its count of real tokens under REAL_TOKENS, for the trainer to count
     when it trains on it (the Trainer's own count would include the padding, and syncs with the GPU).
+
+    `boundaries`: also send where each sample starts (cumulative lengths, int32, this many + 1
+    entries: the list is padded with empty samples at the end so that it has one shape too) and the
+    longest sample (the row length when padded), for varlen attention (training.fast.attention).
     """
 
-    def __init__(self, pad_to: int = 0, pad_id: int = 0) -> None:
-        self.pad_to, self.pad_id = pad_to, pad_id
+    def __init__(self, pad_to: int = 0, pad_id: int = 0, boundaries: int = 0) -> None:
+        self.pad_to, self.pad_id, self.boundaries = pad_to, pad_id, boundaries
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -353,7 +360,7 @@ class FlatCollator:
             ids += [self.pad_id] * pad
             labels += [IGNORE] * pad
             pos += range(pad)
-        return {
+        batch = {
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([pos]),
@@ -361,6 +368,29 @@ class FlatCollator:
             "use_cache": False,
             REAL_TOKENS: real,
         }
+        if self.boundaries:
+            cu = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            if len(cu) <= self.boundaries + 1:  # more samples than planned for: SDPA's mask instead
+                longest = len(pos) if self.pad_to else max(b - a for a, b in zip(cu, cu[1:]))
+                cu += [len(pos)] * (self.boundaries + 1 - len(cu))
+                batch[CU_SEQ_Q] = batch[CU_SEQ_K] = torch.tensor(cu, dtype=torch.int32)
+                batch[MAX_Q] = batch[MAX_K] = longest
+        return batch
+
+
+def max_samples_per_row(rows: Any) -> int:
+    """The most samples any packed row holds (each starts at position 0), read with Arrow."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    most = 0
+    for batch in rows.data.to_batches(max_chunksize=PACK_CHUNK):
+        col = batch.column("position_ids")
+        starts = pc.equal(pc.list_flatten(col), 0).to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(col).to_numpy()
+        if len(parents):
+            most = max(most, int(np.bincount(parents[starts], minlength=len(col)).max()))
+    return most
 
 
 def mix_replay(records: list[dict], replay: list[dict], ratio: float, seed: int) -> list[dict]:

@@ -75,11 +75,12 @@ from assistant_forge.core.runs import (
 )
 from assistant_forge.core.templates import render
 from assistant_forge.errors import ForgeError, one_line
-from assistant_forge.training import distributed, fast, faults, zero
+from assistant_forge.training import distributed, fast, faults, profiling, zero
 from assistant_forge.training.data import (
     FlatCollator,
     encode_dataset,
     encode_records,
+    max_samples_per_row,
     pack_dataset,
     replay_draw,
 )
@@ -182,6 +183,10 @@ class RunCallback(TrainerCallback):
             "tokens_per_s": round(tps, 1),
             "tokens_seen": tokens,
             "mem_gib": _mem_gib(kw.get("model")),
+            # What stays between steps (weights, adapters, optimizer state); the rest of the peak is the step's.
+            "mem_resident_gib": round(torch.cuda.memory_allocated() / 2**30, 2)
+            if torch.cuda.is_available()
+            else None,
             "eta_s": round(eta, 1) if eta is not None else None,
             "time": now_iso(),
         }
@@ -350,6 +355,9 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
         # ForgeTrainer counts real tokens itself: the Trainer's count syncs with the GPU on every
         # micro-batch and would count padding.
         include_num_input_tokens_seen="no",
+        # The filter checks each micro-batch's loss for NaN on the host: a GPU sync per micro-batch, so
+        # the CPU can no longer queue the next one while the GPU works. A NaN loss shows in the log.
+        logging_nan_inf_filter=False,
         # Data parallel: every trainable (LoRA) weight gets a gradient each step; no search needed.
         ddp_find_unused_parameters=False,
         **overrides,
@@ -430,7 +438,13 @@ def train_run(run: Path, resume: bool = False) -> str:
     # recompiles, and CUDA-graphed layers replay on every micro-batch (best-fit rows are ~99% full).
     pad_to = cfg.data.max_length * cfg.train.micro_batch_size if fast.report(model).compiled_layers else 0
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    collator = FlatCollator(pad_to, pad_id or 0)
+    # Varlen attention needs the samples' boundaries, in a list of one length for compiled layers.
+    bounds = (
+        max_samples_per_row(rows) * cfg.train.micro_batch_size + 1
+        if fast.report(model).varlen_attention
+        else 0
+    )
+    collator = FlatCollator(pad_to, pad_id or 0, bounds)
     trainer = ForgeTrainer(
         model=model,
         args=training_args(run, cfg, device, **overrides),
@@ -442,6 +456,8 @@ def train_run(run: Path, resume: bool = False) -> str:
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per step instead
     if injected := faults.requested():  # tests/faults only
         trainer.add_callback(faults.FaultInjection(trainer, injected))
+    if (profiled := profiling.requested()) and distributed.is_main():  # benchmarks only
+        trainer.add_callback(profiling.StepProfiler(run, profiled))
     checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     # Keep the tokenizer (with the pipeline's template) beside the newest checkpoint for `forge convert`.

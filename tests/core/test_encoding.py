@@ -3,7 +3,16 @@
 import pytest
 
 from assistant_forge.core.encoding import IGNORE, encode_chat, render_loss_preview
-from assistant_forge.training.data import REAL_TOKENS, FlatCollator, pack, row_order
+from assistant_forge.training.data import (
+    CU_SEQ_K,
+    CU_SEQ_Q,
+    MAX_Q,
+    REAL_TOKENS,
+    FlatCollator,
+    max_samples_per_row,
+    pack,
+    row_order,
+)
 
 CONVS = [
     [
@@ -106,3 +115,27 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(demo_path, demo_tok, torch
         leaky = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
     assert packed == pytest.approx(total / count, abs=1e-4)
     assert abs(leaky - packed) > 1e-3
+
+
+def test_collator_sends_the_samples_boundaries_in_a_list_of_one_length(demo_tok):
+    import datasets
+    import torch
+
+    samples = [encode_chat(demo_tok, c, 512) for c in CONVS]
+    rows = pack(samples, 4096, packing=True, seed=0)
+    starts = [i for i, p in enumerate(rows[0]["position_ids"]) if p == 0]
+    real = len(rows[0]["input_ids"])
+    padded = FlatCollator(pad_to=512, pad_id=0, boundaries=6)(rows)
+    # Three samples, the padding as a fourth, then empty samples up to 6 + 1 entries.
+    assert padded[CU_SEQ_Q].dtype == torch.int32
+    assert padded[CU_SEQ_Q].tolist() == starts + [real, 512, 512, 512] and padded[MAX_Q] == 512
+    assert padded[CU_SEQ_K] is padded[CU_SEQ_Q]
+    exact = FlatCollator(boundaries=4)(rows)
+    lengths = [b - a for a, b in zip(starts + [real], starts[1:] + [real])]
+    assert exact[CU_SEQ_Q].tolist() == starts + [real, real] and exact[MAX_Q] == max(lengths)
+    assert CU_SEQ_Q not in FlatCollator(boundaries=2)(rows)  # more samples than planned: SDPA's mask
+    # The trainer plans the list's length from the packed rows: the most samples one row holds.
+    two_rows = pack(samples, max(len(s["input_ids"]) for s in samples) + 5, packing=True, seed=0)
+    counts = [r["position_ids"].count(0) for r in two_rows]
+    assert len(two_rows) > 1 and max_samples_per_row(datasets.Dataset.from_list(two_rows)) == max(counts)
+    assert max_samples_per_row(datasets.Dataset.from_list(rows)) == 3

@@ -276,3 +276,34 @@ def test_failed_compile_falls_back_to_eager(tiny_llama: Path, monkeypatch: pytes
     assert abs(loss - eager_loss) < 1e-6
     assert max(rel_err(got[n], eager[n]) for n in eager) < 1e-6
     torch._dynamo.reset()
+
+
+def test_varlen_attention_plugs_into_the_model_and_keeps_sdpa_off_the_gpu(tiny_llama: Path) -> None:
+    """The registered attention takes the boundaries the collator sends through the whole model; on a
+    CPU (no flash kernel) it answers as SDPA does, and the fast path leaves the model on SDPA."""
+    from transformers import AutoModelForCausalLM
+
+    from assistant_forge.training.data import CU_SEQ_Q, FlatCollator
+    from assistant_forge.training.fast import attention, report
+
+    rows = []
+    for n in (20, 33, 11):  # one packed row of three samples
+        ids = torch.randint(5, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        rows.append({"input_ids": ids, "labels": ids, "position_ids": list(range(n))})
+    batch = FlatCollator(pad_to=80, pad_id=0, boundaries=5)(
+        [{k: sum((r[k] for r in rows), []) for k in rows[0]}]
+    )
+    assert batch[CU_SEQ_Q].tolist() == [0, 20, 53, 64, 80, 80]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+    inputs = {k: v for k, v in batch.items() if k != "forge_real_tokens"}
+    plain = {k: v for k, v in inputs.items() if not k.startswith(("cu_seq", "max_length"))}
+    with torch.no_grad():
+        want = model(**plain).loss.item()
+        attention.register()
+        model.set_attn_implementation(attention.NAME)
+        assert model(**inputs).loss.item() == pytest.approx(want, abs=1e-6)
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+    assert not attention.enable(fresh, packing=True)
+    assert fresh.config._attn_implementation == "sdpa"
+    assert any("needs a CUDA GPU" in n for n in report(fresh).notes)

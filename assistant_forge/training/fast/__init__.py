@@ -39,6 +39,9 @@ bitsandbytes step:
   forward and its recompute + backward are captured once and replayed as one launch each, so a
   checkpointed 7B step at 2048 tokens is no longer bound by the CPU issuing kernels (measured 2.9x
   the peer against 1.6-2.9x without, depending on the machine's CPU).
+* Attention over packed rows (`attention.py`, `train.varlen_attention`): flash attention's
+  variable-length kernel over the samples' boundaries, where SDPA would compute the whole row's
+  scores under a block-diagonal mask (no flash kernel with a mask).
 * The optimizer (`optimizer.py`): a paged optimizer moved on-device when the plan says it fits,
   else one bitsandbytes step over a flat buffer instead of one per LoRA matrix.
 
@@ -55,6 +58,7 @@ from torch import nn
 
 from assistant_forge.core import memory as mem
 from assistant_forge.core.config import ForgeConfig
+from assistant_forge.training.fast import attention
 from assistant_forge.training.fast.checkpoint import (
     compile_layers,
     configure_checkpointing,
@@ -141,6 +145,8 @@ def after_peft(
     rep = report(model)
     rep.recast_to_half = _recast_frozen_to_half(model)
     rep.fused_lora_modules = patch_lora_layers(model)
+    if cfg.train.varlen_attention:  # before compiling: the compiled layers trace the attention it picks
+        attention.enable(model, cfg.data.packing)
     if mem.compiled_layers(cfg):
         rep.compiled_layers = compile_layers(model, uses_rng(model))
     configure_checkpointing(model, cfg, seq_len=seq_len)

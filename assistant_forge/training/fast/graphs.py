@@ -209,10 +209,14 @@ class LayerGraphs:
         elif sig != plan.signature:
             return False
         ptrs = [p.data_ptr() for p in self.params]
-        if ptrs != self._ptrs:  # weights moved (an optimizer's flat buffer): graphs read old ones
-            self.fwd = self.bwd = None
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        if autocast != self._autocast:
+        # Weights moved (an optimizer's flat buffer) or autocast changed: the graphs read old ones.
+        if self.fwd is not None and (ptrs != self._ptrs or autocast != self._autocast):
+            log.info(
+                "layer %d: CUDA graphs captured again (%s changed)",
+                self.index,
+                "weights" if ptrs != self._ptrs else "autocast",
+            )
             self.fwd = self.bwd = None
         if self.fwd is not None:
             return True

@@ -71,6 +71,7 @@ class SpeedReport:
     fused_lora_modules: int = 0
     compiled_layers: int = 0
     graphed_layers: int = 0  # checkpointed layers replaying CUDA graphs (fast.graphs)
+    varlen_attention: bool = False  # packed samples attend through flash's varlen kernel (fast.attention)
     recast_to_half: int = 0
     checkpointed_layers: int = 0
     num_layers: int = 0
