@@ -182,12 +182,14 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_show(a: argparse.Namespace) -> int:
+    from assistant_forge.core.run_state import speed_summary
     from assistant_forge.core.runs import complete_checkpoints, find_run, read_jsonl, read_status
 
     run = find_run(a.run)
     status = read_status(run)
     status["checkpoints"] = [s for s, _ in complete_checkpoints(run)]
     events = read_jsonl(run / "events.jsonl")
+    status["speed"] = speed_summary(events)
     status["last_event"] = events[-1] if events else None
     status["path"] = str(run)
     if a.json:

@@ -164,6 +164,7 @@ TIMED = re.compile(r"^(samples at step|checkpoint-)\S* .*?([\d.]+) s\b")
 
 def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None = None) -> dict:
     from assistant_forge.core.config import parse_config, save_config
+    from assistant_forge.core.run_state import speed_summary
     from assistant_forge.core.runs import read_jsonl, read_status
 
     tag = name.replace("@", "_at_").replace("+", "_again").replace("/", "_")
@@ -202,16 +203,15 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         shutil.copy(run_dir / "profile.txt", out / f"{tag}.profile.txt")
     step_at = [t for t, s in lines if STEP.match(s)]
     step_s = sorted(b - a for a, b in zip(step_at[2:], step_at[3:]))  # from step 3 on, as tok/s
-    tps = [e["tokens_per_s"] for e in events if e["step"] > 3]
-    tps_sorted = sorted(tps)
+    speed = speed_summary(events)  # what `forge runs show` reports
     rec.update(
         preflight_s=round(launched, 1),
         first_step_s=round(first, 1),
-        tokens_per_s=round(statistics.median(tps), 1) if tps else None,
-        p10_tokens_per_s=round(tps_sorted[len(tps_sorted) // 10], 1) if tps else None,
+        tokens_per_s=speed["tokens_per_s"],
+        p10_tokens_per_s=speed["p10_tokens_per_s"],
         samples_s=round(timed["samples"], 1),
         saves_s=round(timed["saves"], 1),
-        mem_gib=max(e.get("mem_gib") or 0 for e in events),
+        mem_gib=speed["peak_mem_gib"] or 0,
         resident_gib=max(e.get("mem_resident_gib") or 0 for e in events),
         step_s=round(statistics.median(step_s), 3) if step_s else None,
         steps=len(step_at),

@@ -6,6 +6,7 @@ core's config (pydantic) is loaded.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 LIVE_STATES = ("starting", "running", "stopping")  # a trainer is (or is about to be) working on it
@@ -20,3 +21,24 @@ def fmt_eta(seconds: Any) -> str:
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s"
+
+
+# Steps left out of a run's speed: the first compiles and captures, the next two warm up.
+WARMUP_STEPS = 3
+
+
+def speed_summary(events: list[dict]) -> dict[str, Any]:
+    """A run's speed from its events.jsonl: median and 10th-percentile tokens/s over the steps after
+    the warm-up (real tokens, padding not counted), peak GPU memory, steps logged. The same figures
+    bench/e2e_train.py tabulates."""
+    tps = sorted(
+        e["tokens_per_s"] for e in events if e.get("step", 0) > WARMUP_STEPS and e.get("tokens_per_s")
+    )
+    mem = [e["mem_gib"] for e in events if e.get("mem_gib") is not None]
+    n = len(tps)
+    return {
+        "steps": len(events),
+        "tokens_per_s": statistics.median(tps) if n else None,
+        "p10_tokens_per_s": tps[n // 10] if n else None,
+        "peak_mem_gib": max(mem) if mem else None,
+    }

@@ -99,6 +99,7 @@ def test_chat_refuses_a_template_other_than_the_trained_one(demo_out):
 
 def test_run_is_listed_as_finished_with_samples(demo_out):
     import json
+    import statistics
 
     out, _ = demo_out
     proc = forge("runs", "show", str(out / "run"), "--json")
@@ -106,6 +107,11 @@ def test_run_is_listed_as_finished_with_samples(demo_out):
     assert info["state"] == "finished" and info["checkpoints"]
     samples = [json.loads(line) for line in (out / "run/samples.jsonl").read_text().splitlines()]
     assert {s["when"] for s in samples} == {"before", "after"}
+    # Its speed is the median tokens/s of the steps after the warm-up, as bench/e2e_train.py tabulates.
+    events = [json.loads(line) for line in (out / "run/events.jsonl").read_text().splitlines()]
+    after_warmup = [e["tokens_per_s"] for e in events if e["step"] > 3]
+    assert info["speed"]["steps"] == len(events) > 10
+    assert info["speed"]["tokens_per_s"] == statistics.median(after_warmup) > 0
 
 
 def test_merge_refuses_a_4bit_base(demo_out, tmp_path):
