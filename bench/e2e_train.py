@@ -202,7 +202,7 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
     if (run_dir / "profile.txt").exists():
         shutil.copy(run_dir / "profile.txt", out / f"{tag}.profile.txt")
     step_at = [t for t, s in lines if STEP.match(s)]
-    step_s = sorted(b - a for a, b in zip(step_at[2:], step_at[3:]))  # from step 3 on, as tok/s
+    step_s = [e["step_s"] for e in events if e["step"] > 3 and e.get("step_s")]  # as the tok/s figures
     speed = speed_summary(events)  # what `forge runs show` reports
     rec.update(
         preflight_s=round(launched, 1),

@@ -112,12 +112,11 @@ class StopRequested:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def _mem_gib(model: Any = None) -> float | None:
-    """Peak GPU memory so far: torch's allocated peak, plus the private pool the CUDA-graphed layers
-    replay in (torch's allocated figure does not see it while they run)."""
+def _mem_gib(pool: int) -> float | None:
+    """Peak GPU memory so far: torch's allocated peak, plus `pool`, the private pool the CUDA-graphed
+    layers replay in (torch's allocated figure does not see it while they run)."""
     if not torch.cuda.is_available():
         return None
-    pool = fast.graph_pool_bytes(model) if model is not None else 0
     return round((torch.cuda.max_memory_allocated() + pool) / 2**30, 2)
 
 
@@ -128,7 +127,9 @@ class RunCallback(TrainerCallback):
         self.run, self.cfg, self.tok = run, cfg, tok
         self.t0 = time.time()
         self.start_step = 0
-        self.last = (time.time(), 0)
+        self.last = (time.time(), 0, 0)  # time, tokens seen and step at the last logged step
+        # Seconds since then spent on sample answers and checkpoint saves: a step's speed leaves them out.
+        self.paused = 0.0
         self.main = distributed.is_main()
         # Under ZeRO-3 each process holds a slice of every weight, so generating needs them all
         # (transformers syncs their steps); rank 0 alone would wait forever for the others' slices.
@@ -143,6 +144,7 @@ class RunCallback(TrainerCallback):
         convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
         t0 = time.time()
         answers = generate_answers(model, self.tok, convs, self.cfg.eval.max_new_tokens)
+        self.paused += time.time() - t0
         if not self.main:
             return
         print(f"samples at step {step}: {len(prompts)} answers in {time.time() - t0:.1f} s", flush=True)
@@ -157,7 +159,7 @@ class RunCallback(TrainerCallback):
         if self.main:
             self.start_step = state.global_step
             self.t0 = time.time()
-            self.last = (self.t0, state.num_input_tokens_seen or 0)
+            self.last = (self.t0, state.num_input_tokens_seen or 0, state.global_step)
             write_status(self.run, state="running", step=state.global_step, total_steps=state.max_steps)
         if state.global_step == 0:
             self._samples(model, 0, "before")
@@ -168,9 +170,11 @@ class RunCallback(TrainerCallback):
             return
         now = time.time()
         tokens = state.num_input_tokens_seen or 0  # real tokens, counted by ForgeTrainer.training_step
-        dt = max(now - self.last[0], 1e-9)
+        pool = fast.graph_pool_bytes(kw["model"]) if kw.get("model") is not None else 0
+        dt = max(now - self.last[0] - self.paused, 1e-9)
         tps = (tokens - self.last[1]) / dt
-        self.last = (now, tokens)
+        step_s = dt / max(state.global_step - self.last[2], 1)
+        self.last, self.paused = (now, tokens, state.global_step), 0.0
         done = state.global_step - self.start_step
         eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else None
         event = {
@@ -181,8 +185,10 @@ class RunCallback(TrainerCallback):
             "lr": logs.get("learning_rate"),
             "grad_norm": round(float(logs["grad_norm"]), 4) if logs.get("grad_norm") is not None else None,
             "tokens_per_s": round(tps, 1),
+            "step_s": round(step_s, 3),  # training time of one step, sample answers and saves left out
             "tokens_seen": tokens,
-            "mem_gib": _mem_gib(kw.get("model")),
+            "mem_gib": _mem_gib(pool),
+            "mem_pool_gib": round(pool / 2**30, 2),
             # What stays between steps (weights, adapters, optimizer state); the rest of the peak is the step's.
             "mem_resident_gib": round(torch.cuda.memory_allocated() / 2**30, 2)
             if torch.cuda.is_available()
@@ -204,6 +210,11 @@ class RunCallback(TrainerCallback):
             f"{event['tokens_per_s']:.0f} tok/s eta {event['eta_s']}s",
             flush=True,
         )
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # The Trainer saves right after logging the step: the time since is the save's.
+        if self.last[2] == state.global_step:
+            self.paused += time.time() - self.last[0]
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         every = self.cfg.eval.sample_every

@@ -44,7 +44,7 @@ class _Kernel:
     fn: Callable[..., torch.Tensor]
     causal: tuple[str, Any]  # ("is_causal", True) in torch 2.10, ("window_size", (-1, 0)) later
     has_scale: bool
-    has_gqa: bool
+    has_gqa: bool  # takes fewer key/value heads than query heads (torch >= 2.12); else they are repeated
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
@@ -52,12 +52,16 @@ class _Kernel:
         kw: dict[str, Any] = dict([self.causal])
         if self.has_scale:
             kw["scale"] = scale
-        if self.has_gqa and k.shape[1] != q.shape[1]:
-            kw["enable_gqa"] = True
+        if k.shape[1] != q.shape[1]:
+            if self.has_gqa:
+                kw["enable_gqa"] = True
+            else:  # torch 2.11's kernel takes as many key/value heads as query heads
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return self.fn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
-def _kernel() -> _Kernel | None:
+def find_kernel() -> _Kernel | None:
     """torch's varlen attention (None: this torch has none, or one whose causal switch we do not know)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -75,9 +79,7 @@ def _kernel() -> _Kernel | None:
 
 def _usable(kernel: _Kernel | None, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> bool:
     """Whether the kernel computes what SDPA would for these shapes and this scale."""
-    if kernel is None or not query.is_cuda:
-        return False
-    if key.shape[1] != query.shape[1] and not kernel.has_gqa:
+    if kernel is None or not query.is_cuda or query.shape[1] % key.shape[1]:
         return False
     default = query.shape[-1] ** -0.5
     return kernel.has_scale or scaling is None or abs(scaling - default) <= 1e-6 * default
@@ -96,7 +98,7 @@ def varlen_forward(
     """transformers' attention-function signature: query [1, heads, T, dim] and key/value with their
     own head count; returns [1, T, heads, dim] as SDPA's function does."""
     cu = kwargs.get(CU_SEQ_Q)
-    kernel = once(_kernel)
+    kernel = once(find_kernel)
     if cu is None or query.shape[0] != 1 or dropout or not _usable(kernel, query, key, scaling):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -125,11 +127,9 @@ def self_test(
 ) -> str | None:
     """Check the kernel against SDPA on each sample alone (forward and input gradients), with the
     empty trailing samples the collator pads with. None when it agrees, else why not."""
-    kernel = once(_kernel)
+    kernel = once(find_kernel)
     if kernel is None:
         return "torch has no varlen attention (needs torch >= 2.10)"
-    if kv_heads != heads and not kernel.has_gqa:
-        return "this torch's varlen attention has no grouped-query support"
     g = torch.Generator(device=device).manual_seed(0)
     lens = [37, 150, 69]
     total = sum(lens)

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from assistant_forge.core import memory as mem
 from assistant_forge.core.config import ForgeConfig
+from assistant_forge.training.fast import attention
 from assistant_forge.training.fast import graphs as layer_graphs
 from assistant_forge.training.fast.dequant import cache_absmax, make_dequant_rows_op
 from assistant_forge.training.fast.lora import make_lora_fn, make_lora_op
@@ -197,9 +198,14 @@ def compile_layers(model: nn.Module, rng: bool) -> int:
     Gains: fused norms, RoPE, SwiGLU and residual adds, and far fewer kernel launches from Python
     (at batch 1 and 2048 tokens the eager step is bound by the CPU issuing kernels)."""
     layers = decoder_layers(model)
-    # Made before any trace: a compiled graph guards on what `once` has made so far.
-    for make in (make_lora_fn, make_lora_op, make_dequant_rows_op, make_ce_fn, make_recompute_fn):
+    # Made before any trace: a compiled graph guards on what `once` has made so far, so anything made
+    # later (the graphs' autograd function at their capture, the anchor at the first checkpoint)
+    # would recompile every variant at the next call.
+    makers = (make_lora_fn, make_lora_op, make_dequant_rows_op, make_ce_fn, make_recompute_fn, HostOffload)
+    for make in (*makers, layer_graphs.make_graphed_fn, attention.find_kernel):
         once(make)
+    for device in {p.device for layer in layers for p in layer.parameters()}:
+        once(_make_anchor, device)
     # Training and no-grad graphs, dropout on and off, a dynamic-length variant: a few each.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     # A machine that cannot compile (no C compiler for Triton's launcher, an unsupported model
@@ -212,8 +218,18 @@ def compile_layers(model: nn.Module, rng: bool) -> int:
     for layer in layers:
         plan = _own_layer_forward(layer)
         if plan.run is plan.eager:
-            plan.run = torch.compile(plan.eager)
+            plan.run = functools.partial(_without_autocast_cache, torch.compile(plan.eager))
     return len(layers)
+
+
+def _without_autocast_cache(compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the compiled layer with autocast's weight cache off, as graph captures must run: the
+    compiler guards on that switch, so calls with it on and off would compile twice as many variants
+    (the cache only saves recasting fp32 weights, and the fast path's bf16 layers have none)."""
+    if not torch.is_autocast_enabled("cuda") or not torch.is_autocast_cache_enabled():
+        return compiled(*args, **kwargs)
+    with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+        return compiled(*args, **kwargs)
 
 
 def memory_budget_bytes(cfg: ForgeConfig, device: torch.device | int | None = None) -> int:

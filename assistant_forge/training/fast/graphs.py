@@ -301,10 +301,10 @@ class LayerGraphs:
         """The layer's output through its graphs, or None for the plain path."""
         if not self._ready(run, hidden, kwargs):
             return None
-        return once(_make_graphed_fn).apply(self, kwargs, anchor, hidden, *self.params)
+        return once(make_graphed_fn).apply(self, kwargs, anchor, hidden, *self.params)
 
 
-def _make_graphed_fn() -> type[torch.autograd.Function]:
+def make_graphed_fn() -> type[torch.autograd.Function]:
     class _GraphedLayer(torch.autograd.Function):
         @staticmethod
         def forward(
