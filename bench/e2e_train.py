@@ -199,6 +199,7 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         m = TIMED.match(s)
         if m:
             timed["samples" if m.group(1).startswith("samples") else "saves"] += float(m.group(2))
+    shutil.copy(run_dir / "events.jsonl", out / f"{tag}.events.jsonl")
     if (run_dir / "profile.txt").exists():
         shutil.copy(run_dir / "profile.txt", out / f"{tag}.profile.txt")
     step_at = [t for t, s in lines if STEP.match(s)]
@@ -213,6 +214,7 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         saves_s=round(timed["saves"], 1),
         mem_gib=speed["peak_mem_gib"] or 0,
         resident_gib=max(e.get("mem_resident_gib") or 0 for e in events),
+        pool_gib=max(e.get("mem_pool_gib") or 0 for e in events),
         step_s=round(statistics.median(step_s), 3) if step_s else None,
         steps=len(step_at),
         plan=[s for _, s in lines if s.startswith("fast path:")][:1],

@@ -49,6 +49,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,24 @@ class StopRequested:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def _mem_gib(pool: int) -> float | None:
-    """Peak GPU memory so far: torch's allocated peak, plus `pool`, the private pool the CUDA-graphed
-    layers replay in (torch's allocated figure does not see it while they run)."""
-    if not torch.cuda.is_available():
-        return None
-    return round((torch.cuda.max_memory_allocated() + pool) / 2**30, 2)
+class PeakMemory:
+    """Peak GPU memory so far, counting the private pool the CUDA-graphed layers replay in (torch's
+    allocated figure does not see it while they run).
+
+    Until the graphs are captured the layers' workspace comes from torch's allocator; after, from
+    the pool. Adding the pool to a peak taken before it existed would count that workspace twice,
+    so the peak before the capture is kept apart and torch's peak counter restarts."""
+
+    def __init__(self) -> None:
+        self.before_pool = 0
+
+    def gib(self, pool: int) -> float | None:
+        if not torch.cuda.is_available():
+            return None
+        if pool and not self.before_pool:
+            self.before_pool = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        return round(max(self.before_pool, torch.cuda.max_memory_allocated() + pool) / 2**30, 2)
 
 
 class RunCallback(TrainerCallback):
@@ -130,6 +143,7 @@ class RunCallback(TrainerCallback):
         self.last = (time.time(), 0, 0)  # time, tokens seen and step at the last logged step
         # Seconds since then spent on sample answers and checkpoint saves: a step's speed leaves them out.
         self.paused = 0.0
+        self.peak = PeakMemory()
         self.main = distributed.is_main()
         # Under ZeRO-3 each process holds a slice of every weight, so generating needs them all
         # (transformers syncs their steps); rank 0 alone would wait forever for the others' slices.
@@ -143,7 +157,10 @@ class RunCallback(TrainerCallback):
             return
         convs = [with_system([{"role": "user", "content": p}], self.cfg.data.system_prompt) for p in prompts]
         t0 = time.time()
-        answers = generate_answers(model, self.tok, convs, self.cfg.eval.max_new_tokens)
+        if when == "before":  # the untrained adapter changes nothing: the base model's answers, cached
+            answers, _ = base_model_answers(self.cfg, model, self.tok, convs, 16)
+        else:
+            answers = generate_answers(model, self.tok, convs, self.cfg.eval.max_new_tokens)
         self.paused += time.time() - t0
         if not self.main:
             return
@@ -187,7 +204,7 @@ class RunCallback(TrainerCallback):
             "tokens_per_s": round(tps, 1),
             "step_s": round(step_s, 3),  # training time of one step, sample answers and saves left out
             "tokens_seen": tokens,
-            "mem_gib": _mem_gib(pool),
+            "mem_gib": self.peak.gib(pool),
             "mem_pool_gib": round(pool / 2**30, 2),
             # What stays between steps (weights, adapters, optimizer state); the rest of the peak is the step's.
             "mem_resident_gib": round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -246,22 +263,13 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
 
     prompts = generic_prompts("replay")[: cfg.data.replay_prompts]
     convs = [with_system([{"role": "user", "content": p}], cfg.data.system_prompt) for p in prompts]
-    # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with ctx:
 
-        def generate() -> list[str]:
-            print(f"forgetting guard: the base model answers {len(prompts)} generic prompts", flush=True)
-            batch = replay_batch(model, tok, convs, cfg)
-            return generate_answers(
-                model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch
-            )
+    def announce() -> None:
+        print(f"forgetting guard: the base model answers {len(prompts)} generic prompts", flush=True)
 
-        # Greedy answers of one model to one prompt set never change: later runs (and the demo, whose
-        # answers ship in sample_data/base_answers) reuse them instead of generating.
-        answers, cached = answer_cache.cached_answers(
-            cfg.model.path, model, tok, convs, cfg.eval.max_new_tokens, generate
-        )
+    answers, cached = base_model_answers(
+        cfg, model, tok, convs, lambda: replay_batch(model, tok, convs, cfg), announce
+    )
     if cached:
         print(
             f"forgetting guard: the base model's answers to {len(prompts)} generic prompts (cached)",
@@ -280,6 +288,34 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
     ]
     atomic_write_jsonl(path, recs)
     return recs
+
+
+def base_model_answers(
+    cfg: ForgeConfig,
+    model: Any,
+    tok: Any,
+    convs: list[list[dict]],
+    batch: int | Callable[[], int],
+    before: Callable[[], None] = lambda: None,
+) -> tuple[list[str], bool]:
+    """The base model's greedy answers (adapters off), and whether they came from the answer cache:
+    one model's answers to one prompt set never change, so later runs (and the demo, whose answers
+    ship in sample_data/base_answers) reuse them instead of generating. `before` runs only when they
+    are generated; `batch` may be a function, so that sizing it is skipped on a cache hit."""
+    # Adapters are disabled so these are the base model's answers even when the model is already wrapped.
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with ctx:
+
+        def generate() -> list[str]:
+            before()
+            size = batch() if callable(batch) else batch
+            return generate_answers(
+                model, tok, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=size
+            )
+
+        return answer_cache.cached_answers(
+            cfg.model.path, model, tok, convs, cfg.eval.max_new_tokens, generate
+        )
 
 
 def replay_batch(model: Any, tok: Any, convs: list[list[dict]], cfg: ForgeConfig) -> int:
