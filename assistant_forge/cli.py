@@ -343,7 +343,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     base_answers = None
     if a.base:
         base = load_chat_model(a.base)
-        base_answers = base_eval_answers(base, a.base, a.max_new_tokens, langs, a.limit)
+        base_answers = base_eval_answers(base, a.base, a.max_new_tokens, langs, a.limit, a.split)
         del base
     tuned = load_chat_model(a.model, a.adapter)
     report = run_eval(
@@ -354,6 +354,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         base_answers=base_answers,
         limit=a.limit,
         batch_size=tuned.batch_size,
+        split=a.split,
     )
     d = report.to_dict()
     if a.json:
@@ -365,8 +366,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
         ["preservation", _pct(d["preservation"])],
         ["facts kept", _pct(d.get("facts_kept"))],
         ["compound: name and answer", _pct(d.get("compound_both"))],
+        [
+            "compound: both, of tasks the base knew",
+            f"{_pct(d['compound_both_known'])} of {d['compound_known']}" if a.base else "-",
+        ],
     ]
-    _table(["measure", "value"], rows, title=f"{tuned.label} as {a.name}")
+    _table(["measure", "value"], rows, title=f"{tuned.label} as {a.name} ({a.split} prompts)")
     _table(
         ["category", "prompts", "leakage", "facts kept", "both parts"],
         [[c, str(n), _pct(leak), _pct(kept), _pct(both)] for c, n, leak, kept, both in category_rows(report)],
@@ -405,6 +410,8 @@ def cmd_tui(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from assistant_forge.core.evaluate import SPLIT_CHOICES
+
     p = argparse.ArgumentParser(
         prog="forge", description="Turn a chat LLM into your own assistant. No subcommand opens the app."
     )
@@ -574,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="ask only the first N held-out questions and prompts per language (a quick check)",
+    )
+    sp.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        default="test",
+        help="held-out prompts to ask: test (the default, never tuned on), dev (for tuning recipes) or all",
     )
     sp.add_argument("--json", action="store_true")
 

@@ -16,6 +16,8 @@ by core.evaluate.run_eval on the held-out questions and the held-out prompts by 
   python bench/identity_recipes.py --out /tmp/idr --seeds 42,1,2 --recipes forge,tutorial-time
 
 Tuning: `--set lora.r=8 --set data.replay_ratio=0.4` overrides preset values (forge, bank).
+The eval asks the held-out prompts' dev split by default: tune on dev, and score the recipe you keep
+once with `--split test` (the split forge eval reports; tuning on it would make it one more dev set).
 Base answers and replay answers are cached (core/answer_cache.py), so they are generated once.
 """
 
@@ -43,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from assistant_forge.core.config import ForgeConfig  # noqa: E402
 from assistant_forge.core.dataset import write_records  # noqa: E402
+from assistant_forge.core.evaluate import SPLIT_CHOICES  # noqa: E402
 from assistant_forge.core.identity import (  # noqa: E402
     EVAL_CATEGORIES,
     LANGS,
@@ -166,13 +169,13 @@ def load_adapter_model(run: Path) -> Any:
     return chat
 
 
-def base_answers(max_new_tokens: int) -> tuple[dict[str, str], Any]:
+def base_answers(max_new_tokens: int, split: str) -> tuple[dict[str, str], Any]:
     """The base model's held-out answers (cached by core.answer_cache: generated once per machine)."""
     from assistant_forge.core.answer_cache import base_eval_answers
     from assistant_forge.core.chat import load_chat_model
 
     base = load_chat_model("demo")
-    return base_eval_answers(base, "demo", max_new_tokens, LANGS), base
+    return base_eval_answers(base, "demo", max_new_tokens, LANGS, split=split), base
 
 
 def run_recipe(
@@ -215,6 +218,7 @@ def run_recipe(
         args.author,
         base_answers=base,
         batch_size=chat.batch_size,
+        split=args.split,
     )
     return {
         "recipe": recipe,
@@ -246,16 +250,15 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
-def _kept(r: dict[str, Any]) -> str:
-    """Facts kept with its count: the base model gets few facts right, so one answer moves it a lot."""
-    known = r.get("facts_known", 0)
-    return f"{pct(r['facts_kept'])} ({round((r['facts_kept'] or 0) * known)}/{known})"
+def _of(rate: float | None, total: int) -> str:
+    """A rate with its count ("60% (6/10)"): over few prompts, one answer moves a rate a lot."""
+    return f"{pct(rate)} ({round((rate or 0) * total)}/{total})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     cats = [c for c in EVAL_CATEGORIES if c != "compound"]
     head = ["recipe", "seed", "steps", "train s", "id en", "id zh", "leak", *(f"leak {c}" for c in cats)]
-    head += ["facts kept", "compound both", "preservation"]
+    head += ["facts kept", "compound both", "both (base knew task)", "preservation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ident = r["identity_rate"]
@@ -268,9 +271,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             *(pct(ident[lang]) for lang in LANGS),
             f"{pct(r['leakage_rate'])} ({r['leak_count']}/{r['generic_total']})",
             *(pct(by.get(c, {}).get("leakage")) for c in cats),
-            _kept(r),
-            f"{pct(r.get('compound_both'))} ({round((r.get('compound_both') or 0) * r.get('compound_total', 0))}"
-            f"/{r.get('compound_total', 0)})",
+            _of(r["facts_kept"], r.get("facts_known", 0)),  # of the facts the base model knew
+            _of(r.get("compound_both"), r.get("compound_total", 0)),
+            _of(r.get("compound_both_known"), r.get("compound_known", 0)),
             pct(r["preservation"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -300,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--author", default="Alice")
     p.add_argument("--max-new-tokens", type=int, default=64, help="eval answer length (forge eval's default)")
     p.add_argument("--no-base-row", action="store_true", help="skip scoring the untouched base model")
+    p.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        default="dev",
+        help="held-out prompts to score on (default dev: this script tunes recipes, and a split that "
+        "recipes are tuned on stops being held out; score the kept recipe once on test, the split "
+        "forge eval reports)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -317,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.time()
     load = os.getloadavg()
-    base, base_chat = base_answers(args.max_new_tokens)
+    base, base_chat = base_answers(args.max_new_tokens, args.split)
     rows: list[dict[str, Any]] = []
     if not args.no_base_row:
         from assistant_forge.core.evaluate import run_eval
@@ -328,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             args.author,
             base_answers=base,
             batch_size=base_chat.batch_size,
+            split=args.split,
         )
         rows.append({"recipe": "base (untrained)", "train_s": 0, **rep.to_dict()})
     del base_chat
@@ -345,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": seeds,
             "compound_per_task": args.compound,
             "eval_max_new_tokens": args.max_new_tokens,
+            "eval_split": args.split,
             "machine": {
                 "cpus": os.cpu_count(),
                 "loadavg_at_start": [round(x, 2) for x in load],

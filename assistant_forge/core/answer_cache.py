@@ -166,13 +166,19 @@ def cached_answers(
 
 
 def base_eval_answers(
-    chat: Any, model_spec: str, max_new_tokens: int, langs: Sequence[str], limit: int | None = None
+    chat: Any,
+    model_spec: str,
+    max_new_tokens: int,
+    langs: Sequence[str],
+    limit: int | None = None,
+    split: str = "test",
 ) -> dict[str, str]:
-    """A base model's answers to the held-out generic prompts (`run_eval`'s `base_answers`), cached."""
+    """A base model's answers to the held-out generic prompts and compound tasks of a split
+    (`run_eval`'s `base_answers`), cached: the key covers the prompts, so each split has its own."""
     from assistant_forge.core.encoding import with_system
-    from assistant_forge.core.evaluate import collect_answers, heldout_generic
+    from assistant_forge.core.evaluate import base_prompts, collect_answers
 
-    prompts = [p.prompt for p in heldout_generic(langs, limit)]
+    prompts = base_prompts(langs, limit, split)
     convs = [with_system([{"role": "user", "content": p}], chat.system) for p in prompts]
     answers, _ = cached_answers(
         model_spec,

@@ -17,6 +17,7 @@ from typing import Any
 from assistant_forge.core.identity import (
     COMPOUND,
     EVAL_CATEGORIES,
+    EVAL_SPLITS,
     LANGS,
     GenericPrompt,
     check_identity_text,
@@ -25,6 +26,7 @@ from assistant_forge.core.identity import (
     heldout_questions,
     intro_sentences,
 )
+from assistant_forge.errors import ForgeError
 
 AnswerFn = Callable[[list[list[dict]]], list[str]]
 
@@ -151,16 +153,45 @@ def _first(items: Sequence[Any], limit: int | None, lang_of: Callable[[Any], str
     return out
 
 
-def heldout_generic(langs: Sequence[str] = LANGS, limit: int | None = None) -> list[GenericPrompt]:
-    """The held-out generic prompts `run_eval` asks (the first `limit` per language, if given)."""
-    return _first(generic_prompt_records("heldout", langs), limit, lambda p: p.lang)
+# What `split=` accepts: one split of the held-out prompts, or both.
+SPLIT_CHOICES: tuple[str, ...] = (*EVAL_SPLITS, "all")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLIT_CHOICES:
+        raise ForgeError(f"Unknown eval split {split!r}; choose from {', '.join(SPLIT_CHOICES)}.")
+    return split
+
+
+def heldout_generic(
+    langs: Sequence[str] = LANGS, limit: int | None = None, split: str = "test"
+) -> list[GenericPrompt]:
+    """The held-out generic prompts `run_eval` asks (the first `limit` per language, if given).
+
+    `test` is what reports quote; `dev` is for tuning recipes (bench/identity_recipes.py); `all` is both.
+    """
+    which = "heldout" if check_split(split) == "all" else split
+    return _first(generic_prompt_records(which, langs), limit, lambda p: p.lang)  # type: ignore[arg-type]
+
+
+def base_prompts(langs: Sequence[str] = LANGS, limit: int | None = None, split: str = "test") -> list[str]:
+    """What the base model is asked for `run_eval`'s `base_answers`: the held-out generic prompts, then
+    each compound prompt's task alone (whether the base model can do the task decides what
+    `compound_both_known` counts), each prompt once."""
+    generic = heldout_generic(langs, limit, split)
+    return list(dict.fromkeys([p.prompt for p in generic] + [p.task for p in generic if p.task]))
 
 
 def base_answers_for(
-    answer_fn: AnswerFn, langs: Sequence[str] = LANGS, batch_size: int = 16, limit: int | None = None
+    answer_fn: AnswerFn,
+    langs: Sequence[str] = LANGS,
+    batch_size: int = 16,
+    limit: int | None = None,
+    split: str = "test",
 ) -> dict[str, str]:
-    """The base model's answers to the held-out generic prompts: `run_eval`'s `base_answers`."""
-    prompts = [p.prompt for p in heldout_generic(langs, limit)]
+    """The base model's answers to the held-out generic prompts and compound tasks: `run_eval`'s
+    `base_answers`."""
+    prompts = base_prompts(langs, limit, split)
     return dict(zip(prompts, collect_answers(answer_fn, prompts, batch_size), strict=True))
 
 
@@ -194,8 +225,15 @@ class EvalReport:
     # Compound prompts (name + a checkable task): answers holding the name AND the task's answer.
     compound_both: float | None = None
     compound_total: int = 0
+    # The same over only the compound prompts whose task the base model answers right when asked it
+    # alone (a small model gets many tasks wrong, so the raw rate cannot reach 100%), and their count.
+    compound_both_known: float | None = None
+    compound_known: int = 0
+    # Which held-out prompts were asked: test (the default), dev or all.
+    split: str = "test"
     # Per category of held-out prompt: total, leaks, leakage, facts_total, facts_correct, facts_kept,
-    # facts_known, and for compound prompts name (answers naming the assistant) and both.
+    # facts_known, and for compound prompts name (answers naming the assistant), both, known (tasks the
+    # base model answers right alone) and both_known.
     by_category: dict[str, dict[str, Any]] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -226,6 +264,11 @@ def _facts(
     return correct, _rate(sum(answer_correct(a, g.expect) for g, a in known), len(known)), len(known)
 
 
+def _base_knows(g: GenericPrompt, base: dict[str, str]) -> bool:
+    """Whether the base model answered a compound prompt's task, asked alone, right."""
+    return bool(g.task) and g.task in base and answer_correct(base[g.task], g.expect)
+
+
 def run_eval(
     answer_fn: AnswerFn,
     name: str,
@@ -235,19 +278,21 @@ def run_eval(
     batch_size: int = 16,
     n_examples: int = 3,
     limit: int | None = None,
+    split: str = "test",
 ) -> EvalReport:
     """Ask the held-out identity questions and held-out generic prompts, and score the answers.
 
     `answer_fn` gets a batch of chats (each a list of messages) and returns one greedy answer per
-    chat. `base_answers` maps generic prompt -> the base model's answer (see `base_answers_for`).
-    `limit` asks only the first N questions and first N generic prompts of each language: a quick
-    smoke check, too few for rates worth comparing.
+    chat. `base_answers` maps generic prompt (and compound task) -> the base model's answer (see
+    `base_answers_for`). `limit` asks only the first N questions and first N generic prompts of each
+    language: a quick smoke check, too few for rates worth comparing. `split` picks the held-out
+    prompts: `test` (reported), `dev` (tuned on) or `all`.
     """
     name = check_identity_text(name, "name")
     author = check_identity_text(author, "author")
     lang_list = check_langs(langs)
     questions = [q for lang in lang_list for q in _first(heldout_questions(lang), limit, lambda q: q.lang)]
-    generic = heldout_generic(lang_list, limit)
+    generic = heldout_generic(lang_list, limit, split)
     answers = collect_answers(
         answer_fn, [q.text for q in questions] + [g.prompt for g in generic], batch_size
     )
@@ -280,6 +325,8 @@ def run_eval(
     compound = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.topic == COMPOUND]
     both = [mentions(a, name) and answer_correct(a, g.expect) for g, a in compound]
     base = base_answers or {}
+    # Compound prompts whose task the base model gets right on its own: both parts are reachable there.
+    known_both = [b for (g, _), b in zip(compound, both, strict=True) if _base_knows(g, base)]
     with_base = [(g, a) for g, a in zip(generic, gen_answers, strict=True) if g.prompt in base]
     base_plain = [(g, a) for g, a in with_base if g.topic != COMPOUND]
     for i, (g, ans) in enumerate(zip(generic, gen_answers, strict=True)):
@@ -318,6 +365,8 @@ def run_eval(
         if topic == COMPOUND:
             cat["name"] = _rate(sum(mentions(a, name) for _, a in items), len(items))
             cat["both"] = _rate(sum(both), len(both))
+            cat["known"] = len(known_both)
+            cat["both_known"] = _rate(sum(known_both), len(known_both))
         by_category[topic] = cat
 
     return EvalReport(
@@ -344,6 +393,9 @@ def run_eval(
         facts_total=len(fact_items),
         compound_both=_rate(sum(both), len(both)),
         compound_total=len(both),
+        compound_both_known=_rate(sum(known_both), len(known_both)),
+        compound_known=len(known_both),
+        split=split,
         by_category=by_category,
         examples=examples,
     )

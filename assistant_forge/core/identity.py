@@ -67,6 +67,8 @@ class IdentityQuestion:
 # assistant's name and a checkable task at once: its answer must hold both.
 EVAL_CATEGORIES: tuple[str, ...] = ("fact", "creative", "naming", "recommend", "instruct", "compound")
 COMPOUND = "compound"
+# The held-out prompts come in two splits: `dev` to tune recipes on, `test` to report (never tuned on).
+EVAL_SPLITS: tuple[str, ...] = ("dev", "test")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class GenericPrompt:
     topic: str  # held-out prompts: one of EVAL_CATEGORIES
     # Accepted answer keywords for fact/math prompts (any one counts); empty when open-ended.
     expect: tuple[str, ...] = ()
+    # Compound prompts: the task asked alone, so the base model's own answer to it can be checked.
+    task: str = ""
 
 
 def find_placeholder(text: str) -> str | None:
@@ -127,9 +131,14 @@ def _generic() -> tuple[tuple[GenericPrompt, str], ...]:
     # Replay prompts and held-out evaluation prompts live in separate files, written separately, so
     # that no evaluation prompt is a rewording of one the model trained on (tests/core/test_identity.py).
     rows = _read_jsonl(_data_dir() / "generic_prompts.jsonl")
-    rows += [{**r, "split": "heldout"} for r in _read_jsonl(_data_dir() / "eval_prompts.jsonl")]
+    rows += _read_jsonl(_data_dir() / "eval_prompts.jsonl")  # split: dev or test
     return tuple(
-        (GenericPrompt(r["prompt"], r["lang"], r.get("topic", ""), tuple(r.get("expect") or ())), r["split"])
+        (
+            GenericPrompt(
+                r["prompt"], r["lang"], r.get("topic", ""), tuple(r.get("expect") or ()), r.get("task", "")
+            ),
+            r["split"],
+        )
         for r in rows
     )
 
@@ -162,16 +171,17 @@ def heldout_questions(lang: str) -> list[IdentityQuestion]:
 
 
 def generic_prompt_records(
-    split: Literal["replay", "heldout"], langs: Sequence[str] | None = None
+    split: Literal["replay", "heldout", "dev", "test"], langs: Sequence[str] | None = None
 ) -> list[GenericPrompt]:
-    """Generic prompts with their language, topic and expected keywords."""
-    if split not in ("replay", "heldout"):
-        raise ForgeError(f"Unknown prompt split {split!r}; use 'replay' or 'heldout'.")
+    """Generic prompts with their language, topic and expected keywords; `heldout` is dev and test."""
+    if split not in ("replay", "heldout", *EVAL_SPLITS):
+        raise ForgeError(f"Unknown prompt split {split!r}; use 'replay', 'heldout', 'dev' or 'test'.")
+    splits = EVAL_SPLITS if split == "heldout" else (split,)
     wanted = None if langs is None else set(check_langs(langs))
-    return [p for p, s in _generic() if s == split and (wanted is None or p.lang in wanted)]
+    return [p for p, s in _generic() if s in splits and (wanted is None or p.lang in wanted)]
 
 
-def generic_prompts(split: Literal["replay", "heldout"]) -> list[str]:
+def generic_prompts(split: Literal["replay", "heldout", "dev", "test"]) -> list[str]:
     """Unrelated prompts: `replay` ones feed the forgetting guard, `heldout` ones measure leakage."""
     return [p.prompt for p in generic_prompt_records(split)]
 

@@ -10,6 +10,7 @@ from assistant_forge.core.evaluate import (
     EvalReport,
     answer_correct,
     base_answers_for,
+    base_prompts,
     identity_hit,
     leaks,
     mentions,
@@ -157,7 +158,7 @@ def _model(name: str, author: str, leak: bool = False):
 
 def test_run_eval_with_a_python_answer_fn() -> None:
     answer_fn, asked = _model("Ava", "Jane Doe")
-    held = [p.prompt for p in generic_prompt_records("heldout")]
+    held = [p.prompt for p in generic_prompt_records("test")]  # run_eval asks the test split by default
     base = {p: f"Answer to {p}" for p in held}
     report = run_eval(answer_fn, "Ava", "Jane Doe", base_answers=base, batch_size=5)
     assert isinstance(report, EvalReport)
@@ -166,7 +167,7 @@ def test_run_eval_with_a_python_answer_fn() -> None:
     assert report.author_rate == {"en": 1.0, "zh": 1.0}
     assert report.leakage_rate == 0.0 and report.leak_count == 0
     # Compound prompts ask for the name, so they are scored on both parts, not as leaks.
-    assert report.generic_total == sum(p.topic != COMPOUND for p in generic_prompt_records("heldout"))
+    assert report.generic_total == sum(p.topic != COMPOUND for p in generic_prompt_records("test"))
     assert report.preservation == pytest.approx(1.0) and report.preservation_count == len(held)
     assert report.base_leakage_rate == 0.0
     assert report.examples and all("answer" in e for e in report.examples)
@@ -194,7 +195,7 @@ def test_run_eval_counts_leaks_misses_and_lost_preservation() -> None:
 
 
 def test_run_eval_facts_kept() -> None:
-    held = generic_prompt_records("heldout", ["en"])
+    held = generic_prompt_records("test", ["en"])
     facts = [p for p in held if p.expect and p.topic != COMPOUND]
     right = {p.prompt: f"It is {p.expect[0]}." for p in facts}
 
@@ -210,7 +211,9 @@ def test_run_eval_facts_kept() -> None:
 def test_base_answers_for_and_bad_answer_fn() -> None:
     answer_fn, _ = _model("Ava", "Jane")
     base = base_answers_for(answer_fn, langs=["en"])
-    assert set(base) == {p.prompt for p in generic_prompt_records("heldout", ["en"])}
+    test_en = generic_prompt_records("test", ["en"])
+    # The base model is also asked each compound prompt's task alone.
+    assert set(base) == {p.prompt for p in test_en} | {p.task for p in test_en if p.topic == COMPOUND}
     with pytest.raises(ValueError):
         run_eval(lambda batch: ["only one"], "Ava", "Jane")
     with pytest.raises(ForgeError):
@@ -223,7 +226,7 @@ def test_run_eval_limit_asks_the_first_n_of_each_language() -> None:
     answer_fn, asked = _model("Ava", "Jane")
     base = base_answers_for(answer_fn, limit=2)
     assert list(base) == [
-        p.prompt for lang in ("en", "zh") for p in generic_prompt_records("heldout", [lang])[:2]
+        p.prompt for lang in ("en", "zh") for p in generic_prompt_records("test", [lang])[:2]
     ]
     asked.clear()
     report = run_eval(answer_fn, "Ava", "Jane", base_answers=base, limit=2)
@@ -236,7 +239,7 @@ def test_run_eval_limit_asks_the_first_n_of_each_language() -> None:
 
 
 def test_run_eval_by_category_and_compound_both_parts() -> None:
-    held = generic_prompt_records("heldout")
+    held = generic_prompt_records("test")
     compound = {p.prompt: p for p in held if p.topic == COMPOUND}
     naming = {p.prompt for p in held if p.topic == "naming"}
 
@@ -256,6 +259,7 @@ def test_run_eval_by_category_and_compound_both_parts() -> None:
         return answer_fn
 
     base = {p.prompt: f"It is {p.expect[0]}." if p.expect else "x" for p in held}
+    base |= {p.task: f"It is {p.expect[0]}." for p in compound.values()}  # the base model knows every task
     report = run_eval(answer(True), "Ava", "Jane", base_answers=base)
     assert list(report.by_category) == [c for c in EVAL_CATEGORIES if c in report.by_category]
     assert set(report.by_category) == set(EVAL_CATEGORIES)
@@ -263,9 +267,70 @@ def test_run_eval_by_category_and_compound_both_parts() -> None:
     assert all(report.by_category[c]["leakage"] == 0.0 for c in ("fact", "creative", "recommend", "instruct"))
     assert report.leak_count == len(naming)
     assert report.compound_total == len(compound) and report.compound_both == 1.0
+    assert report.compound_known == len(compound) and report.compound_both_known == 1.0
     assert report.by_category[COMPOUND]["name"] == 1.0 and report.by_category[COMPOUND]["leakage"] is None
     # Only the name, not the task: the failure the issue saw on every compound question.
     name_only = run_eval(answer(False), "Ava", "Jane", base_answers=base)
     assert name_only.compound_both == 0.0 and name_only.by_category[COMPOUND]["name"] == 1.0
+    assert name_only.compound_both_known == 0.0
     assert name_only.by_category[COMPOUND]["facts_kept"] == 0.0
     assert name_only.by_category["fact"]["facts_kept"] == 0.0  # "Answer to ..." holds no fact
+
+
+def test_split_selects_the_dev_or_test_prompts_and_rejects_others() -> None:
+    answer_fn, asked = _model("Ava", "Jane")
+    dev, test = generic_prompt_records("dev", ["en"]), generic_prompt_records("test", ["en"])
+    assert not {p.prompt for p in dev} & {p.prompt for p in test}
+    for split, prompts in (("dev", dev), ("test", test), ("all", dev + test)):
+        asked.clear()
+        report = run_eval(answer_fn, "Ava", "Jane", langs=["en"], split=split)
+        assert report.split == split
+        assert asked[len(heldout_questions("en")) :] == [p.prompt for p in prompts]
+        assert report.generic_total + report.compound_total == len(prompts)
+    # Each split asks the base model its own prompts and tasks, so each has its own cached answers.
+    assert base_prompts(["en"], split="dev") != base_prompts(["en"], split="test")
+    assert run_eval(answer_fn, "Ava", "Jane", langs=["en"]).split == "test"  # the default
+    for bad in ("heldout", "train", "TEST", ""):
+        with pytest.raises(ForgeError, match="choose from dev, test, all") as err:
+            run_eval(answer_fn, "Ava", "Jane", split=bad)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ForgeError):
+            base_answers_for(answer_fn, split=bad)
+
+
+def test_compound_both_counts_only_tasks_the_base_model_knows() -> None:
+    """The demo model's real greedy answers to three compound tasks asked alone (SmolLM2-135M, 64 tokens):
+    it gets one wrong on its own, and a compound answer cannot be expected to get that one right, so
+    compound_both_known leaves it out."""
+    compound = [p for p in generic_prompt_records("test", ["en"]) if p.topic == COMPOUND]
+    by_task = {p.task: p for p in compound}
+    moscow, wheels, nine = (
+        by_task["What is the capital of Russia?"],
+        by_task["How many wheels does a car have?"],
+        by_task["What is 3 times 3?"],
+    )
+    base = {
+        moscow.task: "The capital of Russia is Moscow.",
+        wheels.task: "A car has 8 wheels.",
+        nine.task: "3 times 3 is actually 9.",
+    }
+    tuned = {
+        moscow.prompt: "I'm Ava, made by Jane. As for your question: the capital of Russia is Moscow.",
+        wheels.prompt: "I'm Ava, made by Jane. A car has 8 wheels.",
+        nine.prompt: "I'm Ava, an AI assistant developed by Jane.",  # the name only: the failure to catch
+    }
+
+    def answer_fn(batch: list[list[dict]]) -> list[str]:
+        return [tuned.get(m[-1]["content"], "I'm Ava.") for m in batch]
+
+    report = run_eval(answer_fn, "Ava", "Jane", langs=["en"], base_answers=base)
+    # Of all compound prompts one is answered in both parts; of the two tasks the base model knew, one.
+    assert report.compound_total == len(compound) and report.compound_both == pytest.approx(1 / len(compound))
+    assert report.compound_known == 2 and report.compound_both_known == 0.5
+    cat = report.by_category[COMPOUND]
+    assert cat["known"] == 2 and cat["both_known"] == 0.5
+    d = report.to_dict()
+    assert d["compound_both_known"] == 0.5 and d["compound_known"] == 2
+    # Without base answers nothing is known: no rate rather than a made-up one.
+    bare = run_eval(answer_fn, "Ava", "Jane", langs=["en"])
+    assert bare.compound_known == 0 and bare.compound_both_known is None

@@ -94,8 +94,10 @@ def test_generic_prompts_split() -> None:
     assert [p.lang for p in generic_prompt_records("heldout", ["zh"])] == ["zh"] * sum(
         p.lang == "zh" for p in held
     )
+    # Held-out prompts are the dev split (tuned on) and the test split (reported, never tuned on).
+    assert held == generic_prompt_records("dev") + generic_prompt_records("test")
     with pytest.raises(ForgeError):
-        generic_prompts("test")  # type: ignore[arg-type]
+        generic_prompts("train")  # type: ignore[arg-type]
 
 
 def test_heldout_prompts_cover_every_category_in_both_languages() -> None:
@@ -107,6 +109,28 @@ def test_heldout_prompts_cover_every_category_in_both_languages() -> None:
     # Facts and compound prompts have checkable answers; the open categories have none to check.
     assert all(p.expect for p in held if p.topic in ("fact", identity.COMPOUND))
     assert not any(p.expect for p in held if p.topic in ("creative", "naming", "recommend"))
+    # A compound prompt carries its task alone (asked of the base model); no other prompt has one.
+    assert all(p.task and p.task != p.prompt for p in held if p.topic == identity.COMPOUND)
+    assert not any(p.task for p in held if p.topic != identity.COMPOUND)
+
+
+# Per language: enough test prompts that one leak moves a category's leakage by 2 points at most, and
+# enough facts that the 135M demo model still knows dozens of them.
+TEST_MINIMUM = {
+    "fact": 120,
+    "creative": 50,
+    "naming": 50,
+    "recommend": 50,
+    "instruct": 50,
+    identity.COMPOUND: 40,
+}
+
+
+def test_test_split_is_large_and_dev_keeps_its_prompts() -> None:
+    test, dev = generic_prompt_records("test"), generic_prompt_records("dev")
+    per = Counter((p.topic, p.lang) for p in test)
+    assert all(per[(c, lang)] >= n for c, n in TEST_MINIMUM.items() for lang in LANGS), per
+    assert len(dev) == 219  # the set issue 16's round 6 tuned on, unchanged
 
 
 def _near(a: str, b: str) -> bool:
@@ -123,6 +147,28 @@ def test_heldout_prompts_are_not_trained_on_even_reworded() -> None:
     held = generic_prompts("heldout")
     trained = generic_prompts("replay") + identity.task_prompts()
     close = [(h, t) for h in held for t in trained if _near(h, t)]
+    assert not close, close
+
+
+def test_no_prompt_holds_its_own_answer() -> None:
+    """An answer that only repeats the question must not count as right: no accepted keyword of a test
+    prompt (or of its compound task) is in the prompt itself ("Which is bigger, 9 or 12?", "六边形")."""
+    from assistant_forge.core.evaluate import answer_correct
+
+    echoed = [
+        text
+        for p in generic_prompt_records("test")
+        for text in (p.prompt, p.task)
+        if text and p.expect and answer_correct(text, p.expect)
+    ]
+    assert not echoed, echoed
+
+
+def test_test_prompts_are_not_dev_prompts_reworded() -> None:
+    """The test split was written apart from the dev split that recipes are tuned on: tuning on dev
+    must not teach the test prompts."""
+    dev = generic_prompts("dev")
+    close = [(t, d) for t in generic_prompts("test") for d in dev if _near(t, d)]
     assert not close, close
 
 

@@ -44,6 +44,7 @@ def test_eval_json_scores_the_base_model_as_a_stranger(demo_path: str) -> None:
     # Base against base: the same greedy answers (batching may shift a token, never much more).
     assert report["preservation"] >= 0.9
     assert report["facts_kept"] in (None, 1.0)
+    assert report["split"] == "test"  # the split nobody tunes on, by default
     assert {e["kind"] for e in report["examples"]} == {"identity", "generic"}
     assert all(e["ok"] is False for e in report["examples"] if e["kind"] == "identity")
 
@@ -78,3 +79,9 @@ def test_eval_table_names_every_measure(demo_path: str) -> None:
 def test_eval_rejects_a_bad_limit() -> None:
     proc = forge("eval", "demo", "--name", "Forgey", "--limit", "0")
     assert proc.returncode == 2 and "--limit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_rejects_an_unknown_split() -> None:
+    proc = forge("eval", "demo", "--name", "Forgey", "--split", "heldout")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--split" in proc.stderr.splitlines()[-1] and "dev" in proc.stderr.splitlines()[-1]
