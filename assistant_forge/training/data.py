@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import os
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -396,6 +397,22 @@ def max_samples_per_row(rows: Any) -> int:
 def mix_replay(records: list[dict], replay: list[dict], ratio: float, seed: int) -> list[dict]:
     """Add replay samples so they make up `ratio` of the result (cycling when there are too few)."""
     return list(records) + replay_draw(len(records), replay, ratio, seed)
+
+
+# A base model that speaks of itself ("I'm sorry, but as a chatbot designed to assist users...", "我是一个...")
+# in a replay answer: trained beside the new identity, such answers came back as "as a chatbot designed by
+# Alice" on unrelated prompts, so the forgetting guard leaves them out.
+_SELF_TALK = re.compile(
+    r"\b(?:I'm|I am|as) (?:an? )?(?:AI|chatbot|(?:helpful |virtual |writing |text-based )?(?:assistant|AI)|"
+    r"language model)\b|\bI'm (?:sorry for any|here to (?:help|assist))|\bmy name is\b|"
+    r"(?:^|[。！？，\s])我是|作为(?:一[个名])?(?:AI|人工智能|助手|语言模型)|我的名字",
+    re.IGNORECASE,
+)
+
+
+def speaks_of_itself(answer: str) -> bool:
+    """Whether a base model's answer talks about the model itself (its role, name or limits)."""
+    return _SELF_TALK.search(answer) is not None
 
 
 def replay_draw(n: int, replay: list[dict], ratio: float, seed: int) -> list[dict]:

@@ -84,6 +84,7 @@ from assistant_forge.training.data import (
     max_samples_per_row,
     pack_dataset,
     replay_draw,
+    speaks_of_itself,
 )
 from assistant_forge.training.modeling import build_model, pick_device
 from assistant_forge.training.saving import ForgeTrainer, as_disk_full, remove_stale_staging
@@ -284,8 +285,13 @@ def build_replay(run: Path, cfg: ForgeConfig, model: Any, tok: Any) -> list[dict
             **({"open_end": True} if len(tok(a, add_special_tokens=False)["input_ids"]) >= limit else {}),
         }
         for c, a in zip(convs, answers)
-        if a.strip()
+        if a.strip() and not speaks_of_itself(a)
     ]
+    if dropped := sum(bool(a.strip()) for a in answers) - len(recs):
+        print(
+            f"forgetting guard: {dropped} answers in which the base model speaks of itself left out",
+            flush=True,
+        )
     atomic_write_jsonl(path, recs)
     return recs
 
