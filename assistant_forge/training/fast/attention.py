@@ -20,7 +20,7 @@ sample, an upper bound the kernel accepts.
 from __future__ import annotations
 
 import inspect
-import logging
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from assistant_forge.core import memory as mem
 from assistant_forge.errors import one_line
 from assistant_forge.training.data import CU_SEQ_K, CU_SEQ_Q, MAX_K, MAX_Q
 from assistant_forge.training.fast.plumbing import once, report, unwrap
-
-log = logging.getLogger(__name__)
 
 NAME = "forge_varlen"
 
@@ -133,10 +132,11 @@ def self_test(
     g = torch.Generator(device=device).manual_seed(0)
     lens = [37, 150, 69]
     total = sum(lens)
+    # Two empty samples at the end, as the collator pads.
+    bounds = [0, *itertools.accumulate(lens), total, total]
     q = torch.randn(total, heads, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
     k = torch.randn(total, kv_heads, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
     v = torch.randn(total, kv_heads, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
-    bounds = [0, 37, 187, total, total, total]  # two empty samples at the end, as the collator pads
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     try:
@@ -145,7 +145,7 @@ def self_test(
         got = (out.detach(), q.grad.clone(), k.grad.clone())
         q.grad = k.grad = v.grad = None
         refs = []
-        for a, b in zip(bounds[:3], bounds[1:4]):
+        for a, b in zip(bounds, bounds[1 : len(lens) + 1]):
             qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             refs.append(
                 torch.nn.functional.scaled_dot_product_attention(
@@ -172,17 +172,18 @@ def enable(model: nn.Module, packing: bool) -> bool:
     config = base.config
     if not packing or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    heads = getattr(config, "num_attention_heads", 0)
-    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(heads, 1))
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     param = next(base.parameters())
     dtype = torch.bfloat16 if param.dtype == torch.float32 else param.dtype
+    try:
+        shape: mem.ModelShape | None = mem.model_shape(config)
+    except (TypeError, ValueError):  # a config without the usual sizes
+        shape = None
     if param.device.type != "cuda":
         why: str | None = "flash attention needs a CUDA GPU"
-    elif not heads:
+    elif shape is None or not shape.heads:
         why = "no attention heads found"
     else:
-        why = self_test(param.device, heads, kv_heads, head_dim, dtype)
+        why = self_test(param.device, shape.heads, shape.kv_heads, shape.head_dim, dtype)
     if why:
         rep.notes.append(f"packed attention stays on SDPA: {why}")
         return False

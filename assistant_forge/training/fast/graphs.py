@@ -212,7 +212,7 @@ class LayerGraphs:
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         # Weights moved (an optimizer's flat buffer) or autocast changed: the graphs read old ones.
         if self.fwd is not None and (ptrs != self._ptrs or autocast != self._autocast):
-            log.info(
+            log.warning(
                 "layer %d: CUDA graphs captured again (%s changed)",
                 self.index,
                 "weights" if ptrs != self._ptrs else "autocast",
