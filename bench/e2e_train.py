@@ -202,8 +202,6 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
     shutil.copy(run_dir / "events.jsonl", out / f"{tag}.events.jsonl")
     if (run_dir / "profile.txt").exists():
         shutil.copy(run_dir / "profile.txt", out / f"{tag}.profile.txt")
-    step_at = [t for t, s in lines if STEP.match(s)]
-    step_s = [e["step_s"] for e in events if e["step"] > 3 and e.get("step_s")]  # as the tok/s figures
     speed = speed_summary(events)  # what `forge runs show` reports
     rec.update(
         preflight_s=round(launched, 1),
@@ -215,8 +213,8 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         mem_gib=speed["peak_mem_gib"] or 0,
         resident_gib=max(e.get("mem_resident_gib") or 0 for e in events),
         pool_gib=max(e.get("mem_pool_gib") or 0 for e in events),
-        step_s=round(statistics.median(step_s), 3) if step_s else None,
-        steps=len(step_at),
+        step_s=round(speed["step_s"], 3) if speed["step_s"] else None,
+        steps=speed["steps"],
         plan=[s for _, s in lines if s.startswith("fast path:")][:1],
         losses={e["step"]: e["loss"] for e in events},
     )

@@ -28,17 +28,21 @@ WARMUP_STEPS = 3
 
 
 def speed_summary(events: list[dict]) -> dict[str, Any]:
-    """A run's speed from its events.jsonl: median and 10th-percentile tokens/s over the steps after
-    the warm-up (real tokens, padding not counted), peak GPU memory, steps logged. The same figures
+    """A run's speed from its events.jsonl: median and 10th-percentile tokens/s and the median step
+    time over the steps after the warm-up (real tokens, padding not counted), peak GPU memory, steps
+    logged. The same figures
     bench/e2e_train.py tabulates."""
     tps = sorted(
         e["tokens_per_s"] for e in events if e.get("step", 0) > WARMUP_STEPS and e.get("tokens_per_s")
     )
+    step_s = [e["step_s"] for e in events if e.get("step", 0) > WARMUP_STEPS and e.get("step_s")]
     mem = [e["mem_gib"] for e in events if e.get("mem_gib") is not None]
     n = len(tps)
     return {
         "steps": len(events),
         "tokens_per_s": statistics.median(tps) if n else None,
+        # Training time of one step (sample answers and checkpoint saves left out), median.
+        "step_s": statistics.median(step_s) if step_s else None,
         "p10_tokens_per_s": tps[n // 10] if n else None,
         "peak_mem_gib": max(mem) if mem else None,
     }
