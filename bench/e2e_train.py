@@ -200,8 +200,9 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         if m:
             timed["samples" if m.group(1).startswith("samples") else "saves"] += float(m.group(2))
     shutil.copy(run_dir / "events.jsonl", out / f"{tag}.events.jsonl")
-    if (run_dir / "profile.txt").exists():
-        shutil.copy(run_dir / "profile.txt", out / f"{tag}.profile.txt")
+    for kept in ("profile.txt", "trace.json.gz"):
+        if (run_dir / kept).exists():
+            shutil.copy(run_dir / kept, out / f"{tag}.{kept}")
     speed = speed_summary(events)  # what `forge runs show` reports
     rec.update(
         preflight_s=round(launched, 1),

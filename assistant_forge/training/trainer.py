@@ -413,6 +413,9 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
         logging_nan_inf_filter=False,
         # Data parallel: every trainable (LoRA) weight gets a gradient each step; no search needed.
         ddp_find_unused_parameters=False,
+        # Batches are pinned, so their copy to the GPU need not wait for it: a blocking copy syncs, and
+        # the Trainer fetches a step's micro-batches while the GPU still runs the step before.
+        accelerator_config={"non_blocking": device == "cuda"},
         **overrides,
     )  # gradient checkpointing is configured on the model in modeling.wrap_for_training
 
