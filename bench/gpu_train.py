@@ -578,10 +578,34 @@ def check(out: Path | None) -> bool:
     import torch
 
     from assistant_forge.training import fast
+    from assistant_forge.training.fast.dropout import group_dropout
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ok = True
     results = []
+    for n in (1, 2, 3):
+        # The group's masks: each keeps 1 - p, independent of its siblings, redrawn alike from one
+        # generator state (what recomputes and graph replays rely on), and the kept inputs scaled.
+        x = torch.randn(2048, 4096, device=dev, dtype=torch.bfloat16)
+        torch.manual_seed(3)
+        xd, keep = group_dropout(x, n, 0.1)
+        torch.manual_seed(3)
+        xd2, keep2 = group_dropout(x, n, 0.1)
+        rates = [float(keep[i].float().mean()) for i in range(n)]
+        both = [float((~keep[i] & ~keep[j]).float().mean()) for i in range(n) for j in range(i + 1, n)]
+        scaled = torch.where(keep, x.float() / 0.9, 0.0)  # to rounding: CPU's dropout rounds twice
+        good = (
+            all(abs(r - 0.9) < 2e-3 for r in rates)
+            and all(abs(b - 0.01) < 1e-3 for b in both)
+            and torch.equal(keep, keep2)
+            and torch.equal(xd, xd2)
+            and torch.allclose(xd.float(), scaled, rtol=8e-3, atol=0)
+            and not torch.equal(keep, group_dropout(x, n, 0.1)[1])
+        )
+        ok &= good
+        results.append(
+            {"check": "group_dropout", "group": n, "ok": good, "keep_rates": rates, "both_dropped": both}
+        )
 
     def rel(a: Any, b: Any) -> float:
         return float((a.double() - b.double()).norm() / b.double().norm())
@@ -605,7 +629,7 @@ def check(out: Path | None) -> bool:
             torch.manual_seed(7)
             x2 = x.detach().reshape(-1, din)
             keep = (
-                torch.native_dropout(x2.expand(n, *x2.shape), p, True)[1]
+                group_dropout(x2, n, p)[1]
                 if p > 0
                 else torch.ones((n, *x2.shape), dtype=torch.bool, device=dev)
             )

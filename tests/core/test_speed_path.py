@@ -173,8 +173,9 @@ def test_groups_with_biases_match_peft(tmp_path: Path) -> None:
 
 
 def test_grouped_lora_with_dropout_matches_float64(tmp_path: Path) -> None:
-    """The kernel checks of bench/gpu_train.py on the CPU: fused LoRA, alone and as a 3-projection
-    group with per-projection dropout masks, against a float64 reference (and the fused loss)."""
+    """The kernel checks of bench/gpu_train.py on the CPU: the group's dropout masks (rate,
+    independence, redrawn alike from one seed), fused LoRA alone and as a 3-projection group with
+    per-projection dropout masks, against a float64 reference (and the fused loss)."""
     import subprocess
     import sys
 
@@ -187,7 +188,8 @@ def test_grouped_lora_with_dropout_matches_float64(tmp_path: Path) -> None:
         env={**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count('"group": 3') == 2 and proc.stdout.count('"ok": true') == 6
+    assert proc.stdout.count('"check": "group_dropout"') == 3
+    assert proc.stdout.count('"group": 3') == 3 and proc.stdout.count('"ok": true') == 9
 
 
 def test_dropout_recompute_draws_the_same_masks(tiny_llama: Path) -> None:

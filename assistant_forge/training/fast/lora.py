@@ -16,6 +16,7 @@ from torch import nn
 
 from assistant_forge.core import memory as mem
 from assistant_forge.training.fast.dequant import dense_rows, dequant_rows, group_weight_args
+from assistant_forge.training.fast.dropout import group_dropout
 from assistant_forge.training.fast.plumbing import once
 
 # Members of a group: (output, x A^T, keep-mask or None)
@@ -40,7 +41,7 @@ def _lora_fwd(
     keep = None
     if p > 0:
         # One kernel for all n masks; x A_i^T per projection as one batched matmul.
-        xd, keep = torch.native_dropout(x.expand(n, *x.shape), p, True)
+        xd, keep = group_dropout(x, n, p)
         xa = torch.bmm(xd, a.view(n, -1, a.shape[1]).transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], -1)
         del xd
     else:
