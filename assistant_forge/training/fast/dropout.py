@@ -45,7 +45,7 @@ if triton is not None:
     @triton.jit
     def _group_dropout_kernel(
         x_ptr, xd_ptr, keep_ptr, seed_ptr, numel, p, scale, N: tl.constexpr, BLOCK: tl.constexpr
-    ):  # noqa: E501
+    ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < numel
         x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
