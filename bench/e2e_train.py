@@ -15,7 +15,8 @@ QLoRA preset's (NF4, r 64, alpha 16, dropout 0.1, all projections, packing, repl
 AdamW) with the presets' gradient accumulation (16; --grad-accum), sample answers every --sample-every
 steps (64 new tokens), checkpoints at half and at the end. A 100-step run at 16 micro-batches is ~15
 minutes of the peer's time, more than one device call: the table also projects each run to 100 steps
-(its measured wall time plus the missing steps at its median step time).
+(its measured wall time plus the missing steps at its median step time; walls leave out what the
+profiler added to the steps --profile traced).
 
 Runs (each a real `python -m assistant_forge train CONFIG --run-dir DIR` subprocess, output timed line by line
 as the user sees it):
@@ -204,6 +205,13 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         if (run_dir / kept).exists():
             shutil.copy(run_dir / kept, out / f"{tag}.{kept}")
     speed = speed_summary(events)  # what `forge runs show` reports
+    # The profiled steps run several times slower (tracing, the timeline's export): time the run
+    # would not have spent, left out of the walls the table compares.
+    first_p, _, last_p = (env or {}).get("FORGE_PROFILE_STEPS", "").partition("-")
+    profiled = range(int(first_p), int(last_p or first_p) + 1) if first_p else range(0)
+    profiler_s = sum(
+        max(e["step_s"] - speed["step_s"], 0) for e in events if e["step"] in profiled and speed["step_s"]
+    )
     rec.update(
         preflight_s=round(launched, 1),
         first_step_s=round(first, 1),
@@ -215,6 +223,7 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         resident_gib=max(e.get("mem_resident_gib") or 0 for e in events),
         pool_gib=max(e.get("mem_pool_gib") or 0 for e in events),
         step_s=round(speed["step_s"], 3) if speed["step_s"] else None,
+        profiler_s=round(profiler_s, 1),
         steps=speed["steps"],
         plan=[s for _, s in lines if s.startswith("fast path:")][:1],
         losses={e["step"]: e["loss"] for e in events},
@@ -222,10 +231,15 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
     return rec
 
 
+def net_wall(r: dict) -> float:
+    """The run's wall time without what the profiler added to its profiled steps."""
+    return r["wall_s"] - r.get("profiler_s", 0.0)
+
+
 def projected(r: dict, steps: int) -> float:
     """Wall time of the same run at `steps` optimizer steps: the measured run (its fixed costs, samples
     and saves as they fell) plus or minus whole steps at the median step time."""
-    return r["wall_s"] + (steps - r["steps"]) * r["step_s"]
+    return net_wall(r) + (steps - r["steps"]) * r["step_s"]
 
 
 def table(results: list[dict], at: int = 100) -> str:
@@ -241,14 +255,14 @@ def table(results: list[dict], at: int = 100) -> str:
             out.append(f"| {r['run']} | error: {str(r.get('error', ''))[-160:]!r} |" + " |" * 14)
             continue
         x = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
-        xw = base["wall_s"] / r["wall_s"] if base else math.nan
+        xw = net_wall(base) / net_wall(r) if base else math.nan
         p100 = projected(r, at)
         x100 = projected(base, at) / p100 if base else math.nan
         diffs = [abs(v - base["losses"][s]) for s, v in r["losses"].items() if base and s in base["losses"]]
         d = f"{statistics.mean(diffs):.3f}/{max(diffs):.3f}" if diffs else "-"
         out.append(
             f"| {r['run']} | {r['preflight_s']} | {r['first_step_s']} | {r['step_s']} | {r['tokens_per_s']:.0f} | "
-            f"{r['p10_tokens_per_s']:.0f} | {x:.2f} | {r['samples_s']} | {r['saves_s']} | {r['wall_s']} | "
+            f"{r['p10_tokens_per_s']:.0f} | {x:.2f} | {r['samples_s']} | {r['saves_s']} | {net_wall(r):.1f} | "
             f"{xw:.2f} | {p100:.0f} | {x100:.2f} | {r['mem_gib']} | {r['resident_gib']} | {d} |"
         )
     return "\n".join(out)
