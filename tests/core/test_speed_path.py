@@ -309,3 +309,19 @@ def test_varlen_attention_plugs_into_the_model_and_keeps_sdpa_off_the_gpu(tiny_l
     assert not attention.enable(fresh, packing=True)
     assert fresh.config._attn_implementation == "sdpa"
     assert any("needs a CUDA GPU" in n for n in report(fresh).notes)
+
+
+def test_a_budget_no_plan_fits_is_said(tiny_llama: Path) -> None:
+    """memory_budget_gib below the leanest plan: the leanest runs, and the plan's notes say it does
+    not fit (a 7B at a 5.4 GiB budget ran at 5.63 GiB with no word of it)."""
+    from assistant_forge.training import fast
+
+    model = build(tiny_llama, fast=True)
+    cfg = ForgeConfig()
+    est = fast.configure_checkpointing(model, cfg, budget_bytes=1024)
+    notes = fast.report(model).notes
+    assert est is not None and est.checkpointed_layers == TINY["num_hidden_layers"]
+    assert any(n.startswith("no plan fits the 0.0 GiB memory budget") for n in notes), notes
+    fast.report(model).notes.clear()
+    fast.configure_checkpointing(model, cfg, budget_bytes=64 * 2**30)
+    assert not any("no plan fits" in n for n in fast.report(model).notes)

@@ -318,6 +318,12 @@ def configure_checkpointing(
     rep.graphed_layers = len(graphed)
     rep.checkpointed_layers, rep.num_layers, rep.offload = checkpointed_layers, len(layers), offload
     rep.estimate_gib = round(est.total_gib, 2)
+    if rep.budget_gib is not None and est.total_gib > rep.budget_gib:
+        # The leanest plan runs anyway (it may still fit: the estimate is conservative), but say so.
+        rep.notes.append(
+            f"no plan fits the {rep.budget_gib} GiB memory budget: the leanest is estimated at "
+            f"{est.total_gib:.2f} GiB"
+        )
     return est
 
 
