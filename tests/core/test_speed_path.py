@@ -282,7 +282,8 @@ def test_failed_compile_falls_back_to_eager(tiny_llama: Path, monkeypatch: pytes
 
 def test_varlen_attention_plugs_into_the_model_and_keeps_sdpa_off_the_gpu(tiny_llama: Path) -> None:
     """The registered attention takes the boundaries the collator sends through the whole model; on a
-    CPU (no flash kernel) it answers as SDPA does, and the fast path leaves the model on SDPA."""
+    CPU (no flash kernel) it answers as SDPA does, a placeholder mask never reaches SDPA, and the fast
+    path leaves the model on SDPA."""
     from transformers import AutoModelForCausalLM
 
     from assistant_forge.training.data import CU_SEQ_Q, FlatCollator
@@ -304,6 +305,13 @@ def test_varlen_attention_plugs_into_the_model_and_keeps_sdpa_off_the_gpu(tiny_l
         attention.register()
         model.set_attn_implementation(attention.NAME)
         assert model(**inputs).loss.item() == pytest.approx(want, abs=1e-6)
+        # On the GPU, calls with boundaries skip transformers' mask: the decoder gets a placeholder,
+        # which transformers must pass through to the attention as given (4-D). Here no kernel can
+        # serve the call, and the placeholder must not reach SDPA as if it were a mask.
+        attention.skip_mask_with_boundaries(model.model, torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="carries no real mask"):
+            model(**inputs)
+        assert model(**plain).loss.item() == pytest.approx(want, abs=1e-6)
 
     fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
     assert not attention.enable(fresh, packing=True)

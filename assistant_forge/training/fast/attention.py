@@ -212,9 +212,13 @@ def enable(model: nn.Module, packing: bool) -> bool:
     except Exception as e:  # noqa: BLE001 - an architecture that refuses: keep SDPA
         rep.notes.append(f"packed attention stays on SDPA: {one_line(e)}")
         return False
-    decoder = getattr(base, base.base_model_prefix, base)
-    if getattr(decoder, "_forge_placeholder_mask", None) is None:
-        decoder._forge_placeholder_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=param.device)
-        decoder.register_forward_pre_hook(_placeholder_mask, with_kwargs=True)
+    skip_mask_with_boundaries(getattr(base, base.base_model_prefix, base), param.device)
     rep.varlen_attention = True
     return True
+
+
+def skip_mask_with_boundaries(decoder: nn.Module, device: torch.device) -> None:
+    """Hand the decoder the placeholder mask whenever a call carries sample boundaries (once)."""
+    if getattr(decoder, "_forge_placeholder_mask", None) is None:
+        decoder._forge_placeholder_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+        decoder.register_forward_pre_hook(_placeholder_mask, with_kwargs=True)
