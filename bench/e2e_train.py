@@ -167,6 +167,7 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
     from assistant_forge.core.config import parse_config, save_config
     from assistant_forge.core.run_state import speed_summary
     from assistant_forge.core.runs import read_jsonl, read_status
+    from assistant_forge.training import profiling
 
     tag = name.replace("@", "_at_").replace("+", "_again").replace("/", "_")
     cfg_path = work / f"{tag}.toml"
@@ -207,8 +208,8 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
     speed = speed_summary(events)  # what `forge runs show` reports
     # The profiled steps run several times slower (tracing, the timeline's export): time the run
     # would not have spent, left out of the walls the table compares.
-    first_p, _, last_p = (env or {}).get("FORGE_PROFILE_STEPS", "").partition("-")
-    profiled = range(int(first_p), int(last_p or first_p) + 1) if first_p else range(0)
+    steps = profiling.requested(env or {})
+    profiled = range(steps[0], steps[1] + 1) if steps else range(0)
     profiler_s = sum(
         max(e["step_s"] - speed["step_s"], 0) for e in events if e["step"] in profiled and speed["step_s"]
     )

@@ -16,6 +16,7 @@ import shutil
 import time
 import traceback
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ from transformers import TrainerCallback
 VARIABLE = "FORGE_PROFILE_STEPS"
 
 
-def requested() -> tuple[int, int] | None:
+def requested(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
     """(first, last) optimizer step to profile, from the environment; None when not asked."""
-    raw = os.environ.get(VARIABLE, "").strip()
+    raw = environ.get(VARIABLE, "").strip()
     if not raw:
         return None
     first, _, last = raw.partition("-")
