@@ -581,7 +581,7 @@ def check_nf4_kernel() -> dict[str, Any]:
 
     from assistant_forge.training.fast import dequant as dq
 
-    dq.NF4_KERNEL = True  # off by default until an end-to-end run has used it
+    dq.NF4_KERNEL = True  # checked even where FORGE_NF4_KERNEL=0 turned it off
     same = True
     for dout, din in ((4096, 4096), (11008, 4096), (4096, 11008), (96, 200)):
         base = make_base(din, dout, True, "cuda")
