@@ -252,9 +252,8 @@ def _layer_activations(shape: ModelShape, tokens: int, fused: bool, dropout: flo
         if dropout > 0:
             elems += 5 * d + q + f  # dropout outputs of the LoRA inputs
     total = elems * BF16 * tokens
-    if dropout > 0 and not fused:
-        # One bool mask per LoRA input; the fast path keeps only their seed (training.fast.dropout).
-        total += (5 * d + q + f) * tokens
+    if dropout > 0:
+        total += (5 * d + q + f) * tokens  # one bool mask per LoRA input
     if eager:
         total += shape.heads * tokens * tokens * BF16 * 2  # attention probabilities and their grad
     return int(total)
