@@ -620,66 +620,6 @@ def check_nf4_kernel() -> dict[str, Any]:
     return {"check": "nf4_dequant", "ok": bool(same), "same_bits": bool(same), **timing}
 
 
-def _cuda_us(fn: Any) -> float:
-    """Microseconds a call of fn on the GPU (3 warm-up calls, 20 timed)."""
-    import torch
-
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) * 50, 1)
-
-
-def _dropout_speed_row(n: int, k: int) -> dict[str, Any]:
-    import torch
-
-    from assistant_forge.training.fast import dropout as dr
-
-    x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
-    a = torch.randn(n * 64, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    gxa = torch.randn(2048, n * 64, device="cuda", dtype=torch.bfloat16)
-    gx = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
-    seed = dr.draw_seed(x.device)
-    an = a.view(n, -1, k)
-    gxa_n = gxa.view(2048, n, -1).transpose(0, 1)
-    keep = dr.group_dropout(x, n, 0.1)[1]
-
-    def masks_fwd() -> None:
-        xd, _ = dr.group_dropout(x, n, 0.1)
-        torch.bmm(xd, an.transpose(1, 2))
-
-    def masks_bwd() -> None:
-        xd = torch.ops.aten.native_dropout_backward(x.expand(n, *x.shape), keep, 1 / 0.9)
-        torch.bmm(gxa_n.transpose(1, 2), xd)
-        gxd = torch.bmm(gxa_n, an)
-        gx.add_(torch.ops.aten.native_dropout_backward(gxd, keep, 1 / 0.9).sum(0))
-
-    return {
-        "group": n,
-        "in": k,
-        "fwd_us": {
-            "masks": _cuda_us(masks_fwd),
-            "seeded": _cuda_us(lambda: dr.dropped_xa(x, a, n, 0.1, seed)),
-        },
-        "bwd_us": {
-            "masks": _cuda_us(masks_bwd),
-            "seeded": _cuda_us(lambda: dr.dropped_grads(gxa, x, a, n, 0.1, seed, gx, True)),
-        },
-    }
-
-
-def check_dropout_speed() -> dict[str, Any]:
-    """The seeded LoRA-dropout kernels against the masks-in-memory path they replaced (group_dropout,
-    batched matmul, dropout backward), forward and backward, at a 7B's 2048-token micro-batch."""
-    rows = [_dropout_speed_row(n, k) for n, k in ((3, 4096), (2, 4096), (1, 4096), (1, 11008))]
-    return {"check": "dropout_speed", "ok": True, "rows": rows}
-
-
 def check(out: Path | None) -> bool:
     import torch
 
@@ -692,7 +632,6 @@ def check(out: Path | None) -> bool:
     if dev == "cuda":
         results.append(check_nf4_kernel())
         ok &= results[-1]["ok"]
-        results.append(check_dropout_speed())
     for n in (1, 2, 3):
         # The group's masks: each keeps 1 - p, independent of its siblings, redrawn alike from one
         # generator state (what recomputes and graph replays rely on), and the kept inputs scaled.

@@ -18,7 +18,6 @@ from assistant_forge.core.config import ForgeConfig
 from assistant_forge.training.fast import attention
 from assistant_forge.training.fast import graphs as layer_graphs
 from assistant_forge.training.fast.dequant import cache_absmax, make_dequant_rows_op
-from assistant_forge.training.fast.dropout import make_dropped_grads_op
 from assistant_forge.training.fast.lora import make_lora_fn, make_lora_op
 from assistant_forge.training.fast.loss import make_ce_fn
 from assistant_forge.training.fast.plumbing import (
@@ -202,15 +201,7 @@ def compile_layers(model: nn.Module, rng: bool) -> int:
     # Made before any trace: a compiled graph guards on what `once` has made so far, so anything made
     # later (the graphs' autograd function at their capture, the anchor at the first checkpoint)
     # would recompile every variant at the next call.
-    makers = (
-        make_lora_fn,
-        make_lora_op,
-        make_dequant_rows_op,
-        make_dropped_grads_op,
-        make_ce_fn,
-        make_recompute_fn,
-        HostOffload,
-    )
+    makers = (make_lora_fn, make_lora_op, make_dequant_rows_op, make_ce_fn, make_recompute_fn, HostOffload)
     for make in (*makers, layer_graphs.make_graphed_fn, attention.find_kernel):
         once(make)
     for device in {p.device for layer in layers for p in layer.parameters()}:

@@ -16,10 +16,10 @@ from torch import nn
 
 from assistant_forge.core import memory as mem
 from assistant_forge.training.fast.dequant import dense_rows, dequant_rows, group_weight_args
-from assistant_forge.training.fast.dropout import draw_seed, dropped_grads, dropped_xa, group_dropout, seeded
+from assistant_forge.training.fast.dropout import group_dropout
 from assistant_forge.training.fast.plumbing import once
 
-# Members of a group: (output, x A^T, dropout state: the masks' seed, the keep-masks or None)
+# Members of a group: (output, x A^T, keep-mask or None)
 LoraOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
@@ -36,16 +36,12 @@ def _lora_fwd(
     """y = x W^T (+ bias) + s * (drop(x) A^T) B^T for 2-D x and a group of n projections that read
     x: A stacks their (r, in) adapters, B is block-diagonal (their (out, r) adapters), `weight()`
     gives their stacked dense W (made only for the matmul). Each projection draws its own dropout
-    mask, as PEFT's separate dropout modules do. Returns y, x A^T and the dropout's state: the
-    masks' seed (int64, one element) on the seeded kernels' path, else the keep-masks (bool
-    (n, tokens, in)); None at p = 0."""
-    state = None
-    if seeded(x, n, p):  # masks drawn inside the matmul kernels, only their seed kept
-        state = draw_seed(x.device)
-        xa = dropped_xa(x, a, n, p, state)
-    elif p > 0:
+    mask, as PEFT's separate dropout modules do. Returns y, x A^T and the keep-mask (bool
+    (n, tokens, in), or None at p = 0)."""
+    keep = None
+    if p > 0:
         # One kernel for all n masks; x A_i^T per projection as one batched matmul.
-        xd, state = group_dropout(x, n, p)
+        xd, keep = group_dropout(x, n, p)
         xa = torch.bmm(xd, a.view(n, -1, a.shape[1]).transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], -1)
         del xd
     else:
@@ -54,14 +50,14 @@ def _lora_fwd(
     y = torch.nn.functional.linear(x, w, bias)
     del w
     y.addmm_(xa, b.t(), alpha=scale)
-    return y, xa, state
+    return y, xa, keep
 
 
 def _lora_bwd(
     gy: torch.Tensor,
     x: torch.Tensor,
     xa: torch.Tensor,
-    state: torch.Tensor | None,
+    keep: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
     weight: Callable[[], torch.Tensor],
@@ -70,22 +66,14 @@ def _lora_bwd(
     n: int,
     needs: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (x, A, B) of _lora_fwd, given its dropout state; `needs` is ctx.needs_input_grad
-    for (x, a, b). B's gradient is full (out, n r): the caller's block_diag keeps its diagonal blocks."""
+    """Gradients (x, A, B) of _lora_fwd; `needs` is ctx.needs_input_grad for (x, a, b). B's
+    gradient is full (out, n r): the caller's block_diag keeps its diagonal blocks."""
     g = gy.reshape(-1, gy.shape[-1])
     tokens = x.shape[0]
     gxa = (g @ b).mul_(scale)
     gx = ga = gb = None
     if needs[2]:
         gb = (g.t() @ xa).mul_(scale)
-    if needs[0]:
-        w = weight()
-        gx = g @ w
-        del w
-    if state is not None and state.dtype == torch.int64:  # the seeded kernels redraw the masks
-        ga = dropped_grads(gxa, x, a, n, p, state, gx, needs[1])
-        return gx, ga, gb
-    keep = state
     # Per projection (tokens, r) blocks of gxa, as a batch: (n, tokens, r).
     gxa_n = gxa.view(tokens, n, -1).transpose(0, 1) if keep is not None else None
     if needs[1]:
@@ -95,7 +83,10 @@ def _lora_bwd(
             xd = torch.ops.aten.native_dropout_backward(x.expand(n, *x.shape), keep, 1.0 / (1.0 - p))
             ga = torch.bmm(gxa_n.transpose(1, 2), xd).reshape(a.shape)
             del xd
-    if gx is not None:
+    if needs[0]:
+        w = weight()
+        gx = g @ w
+        del w
         if keep is None:
             gx.addmm_(gxa, a)
         else:
@@ -114,23 +105,23 @@ def _stacked_bias(bases: list[nn.Linear] | tuple[nn.Linear, ...], dtype: torch.d
 def make_lora_fn() -> type[torch.autograd.Function]:
     class _LoraLinear(torch.autograd.Function):
         """The eager fused LoRA projection group (see _lora_fwd). Saves x (shared by the group, so
-        nearly free), x A^T (tokens x n r) and the dropout's state; W is dequantized again in
+        nearly free), x A^T (tokens x n r) and, with dropout, a bool mask; W is dequantized again in
         backward."""
 
         @staticmethod
         def forward(ctx: Any, x, a, b, bases, scale: float, p: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
             weight = lambda: dense_rows(bases, x.shape[1], x.dtype)  # noqa: E731
-            y, xa, state = _lora_fwd(x, a, b, weight, _stacked_bias(bases, x.dtype), scale, p, len(bases))
-            ctx.save_for_backward(x, xa, state, a, b)
+            y, xa, keep = _lora_fwd(x, a, b, weight, _stacked_bias(bases, x.dtype), scale, p, len(bases))
+            ctx.save_for_backward(x, xa, keep, a, b)
             ctx.bases, ctx.scale, ctx.p = bases, scale, p
             return y
 
         @staticmethod
         def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            x, xa, state, a, b = ctx.saved_tensors
+            x, xa, keep, a, b = ctx.saved_tensors
             w = lambda: dense_rows(ctx.bases, x.shape[1], x.dtype)  # noqa: E731
             n = len(ctx.bases)
-            gx, ga, gb = _lora_bwd(gy, x, xa, state, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
+            gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
             return gx, ga, gb, None, None, None
 
     return _LoraLinear
@@ -150,33 +141,29 @@ def make_lora_op() -> torch.library.CustomOpDef:
     @torch.library.custom_op("forge::lora_linear", mutates_args=(), schema=_LORA_OP_SCHEMA)
     def op(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows):  # type: ignore[no-untyped-def]
         w = lambda: dequant_rows(weight, absmax, blocksize, quant_type, rows, x.shape[1], x.dtype)  # noqa: E731
-        y, xa, state = _lora_fwd(x, a, b, w, bias, scale, p, len(weight))
-        return y, xa, state if state is not None else x.new_empty(0, dtype=torch.bool)
+        y, xa, keep = _lora_fwd(x, a, b, w, bias, scale, p, len(weight))
+        return y, xa, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
 
     @op.register_fake
     def _(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows):  # type: ignore[no-untyped-def]
-        n = len(weight)
-        if seeded(x, n, p):
-            state = x.new_empty(1, dtype=torch.int64)
-        else:
-            state = x.new_empty((n, *x.shape) if p > 0 else (0,), dtype=torch.bool)
-        return x.new_empty(x.shape[0], sum(rows)), x.new_empty(x.shape[0], a.shape[0]), state
+        keep = x.new_empty((len(weight), *x.shape) if p > 0 else (0,), dtype=torch.bool)
+        return x.new_empty(x.shape[0], sum(rows)), x.new_empty(x.shape[0], a.shape[0]), keep
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: LoraOut) -> None:
         x, a, b, weight, absmax, _bias, scale, p, blocksize, quant_type, rows = inputs
-        _y, xa, state = output
-        ctx.save_for_backward(x, a, b, xa, state, *weight, *[t for t in absmax if t is not None])
+        _y, xa, keep = output
+        ctx.save_for_backward(x, a, b, xa, keep, *weight, *[t for t in absmax if t is not None])
         ctx.scale, ctx.p, ctx.quant = scale, p, (blocksize, quant_type, list(rows))
         ctx.n, ctx.quantized = len(weight), absmax[0] is not None
 
-    def backward(ctx: Any, gy: torch.Tensor, _gxa: torch.Tensor, _gstate: torch.Tensor) -> tuple[Any, ...]:
-        x, a, b, xa, state, *rest = ctx.saved_tensors
+    def backward(ctx: Any, gy: torch.Tensor, _gxa: torch.Tensor, _gkeep: torch.Tensor) -> tuple[Any, ...]:
+        x, a, b, xa, keep, *rest = ctx.saved_tensors
         n = ctx.n
         weight, absmax = rest[:n], (rest[n:] if ctx.quantized else [None] * n)
         blocksize, quant_type, rows = ctx.quant
         w = lambda: dequant_rows(weight, absmax, blocksize, quant_type, rows, x.shape[1], x.dtype)  # noqa: E731
-        state = state if ctx.p > 0 else None
-        gx, ga, gb = _lora_bwd(gy, x, xa, state, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
+        keep = keep if ctx.p > 0 else None
+        gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
         return gx, ga, gb, [None] * n, [None] * n, None, None, None, None, None, None
 
     op.register_autograd(backward, setup_context=setup_context)
