@@ -235,6 +235,12 @@ class RunCallback(TrainerCallback):
             self.paused += time.time() - self.last[0]
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if self.main and (failed := fast.compile_failures()):
+            print(
+                f"fast path: torch.compile gave up {len(failed)} time(s); those layers run eager, "
+                f"slower: {failed[-1]}",
+                flush=True,
+            )
         every = self.cfg.eval.sample_every
         if every and state.global_step % every == 0 and state.global_step < state.max_steps:
             self._samples(model, state.global_step, "during")

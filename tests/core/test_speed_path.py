@@ -265,8 +265,11 @@ def test_flat_optimizer_leaves_no_stale_gradients(tiny_llama: Path) -> None:
 
 
 def test_failed_compile_falls_back_to_eager(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No working compiler (here: inductor raising) must not stop training: same loss as eager."""
+    """No working compiler (here: inductor raising) must not stop training: same loss as eager, and
+    the fallback is reported rather than silent."""
     import torch._inductor.compile_fx as compile_fx
+
+    from assistant_forge.training import fast
 
     def broken(*_a, **_k):
         raise RuntimeError("no C compiler")
@@ -274,9 +277,14 @@ def test_failed_compile_falls_back_to_eager(tiny_llama: Path, monkeypatch: pytes
     torch._dynamo.reset()
     monkeypatch.setattr(compile_fx, "compile_fx", broken)
     eager_loss, eager = loss_and_grads(build(tiny_llama, fast=True))
+    fast.compile_failures()  # nothing left over from other tests
     loss, got = loss_and_grads(build(tiny_llama, fast=True, compile_layers=True))
     assert abs(loss - eager_loss) < 1e-6
     assert max(rel_err(got[n], eager[n]) for n in eager) < 1e-6
+    # ... and the give-up is said (the trainer prints it after the step), once.
+    reasons = fast.compile_failures()
+    assert reasons and "no C compiler" in reasons[-1], reasons
+    assert fast.compile_failures() == []
     torch._dynamo.reset()
 
 

@@ -60,6 +60,7 @@ from assistant_forge.core import memory as mem
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.training.fast import attention
 from assistant_forge.training.fast.checkpoint import (
+    compile_failures,
     compile_layers,
     configure_checkpointing,
     graph_plan,
@@ -86,6 +87,7 @@ __all__ = [
     "after_peft",
     "apply_speedups",
     "cache_absmax",
+    "compile_failures",
     "compile_layers",
     "configure_checkpointing",
     "decoder_layers",

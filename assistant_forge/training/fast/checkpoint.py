@@ -5,6 +5,8 @@ training forward. Each layer's choices sit in its LayerPlan; its forward becomes
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import types
 from collections.abc import Callable
 from typing import Any
@@ -192,6 +194,34 @@ def _own_layer_forward(layer: nn.Module) -> LayerPlan:
     return plan
 
 
+_RAISED = re.compile(r"^[\w.]*(Error|Exception): ")
+
+
+class CompileFailures(logging.Handler):
+    """torch.compile's give-ups: under `suppress_errors` dynamo logs "WON'T CONVERT" and runs that
+    code eager, several times slower, while the fast path's report still counts the layer as compiled
+    (a kernel the compiled backward could not trace cost a whole 7B run its speed, session 10)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("WON'T CONVERT"):
+            lines = msg.splitlines()
+            # The innermost exception's own line ("RuntimeError: ..."), not dynamo's advice after it.
+            raised = [line.strip() for line in lines if _RAISED.match(line.strip())]
+            self.reasons.append((raised or lines)[-1][:300])
+
+
+def compile_failures() -> list[str]:
+    """Why torch.compile gave up, each reason once: what it logged since the last call."""
+    failures = once(CompileFailures)
+    reasons, failures.reasons = failures.reasons, []
+    return reasons
+
+
 def compile_layers(model: nn.Module, rng: bool) -> int:
     """torch.compile each decoder layer's training forward. The layers share the compiled graphs
     (the same code; parameters are graph inputs), so this costs one compile, not one per layer.
@@ -204,6 +234,7 @@ def compile_layers(model: nn.Module, rng: bool) -> int:
     makers = (make_lora_fn, make_lora_op, make_dequant_rows_op, make_ce_fn, make_recompute_fn, HostOffload)
     for make in (*makers, layer_graphs.make_graphed_fn, attention.find_kernel):
         once(make)
+    logging.getLogger("torch._dynamo.convert_frame").addHandler(once(CompileFailures))
     for device in {p.device for layer in layers for p in layer.parameters()}:
         once(_make_anchor, device)
     # Training and no-grad graphs, dropout on and off, a dynamic-length variant: a few each.
