@@ -55,6 +55,7 @@ from assistant_forge.core.identity import (  # noqa: E402
 from assistant_forge.core.pipeline import demo_records  # noqa: E402
 from assistant_forge.core.presets import get_preset  # noqa: E402
 from assistant_forge.core.runs import new_run_dir, read_jsonl, read_status  # noqa: E402
+from assistant_forge.training.modeling import pick_device, resolve_precision  # noqa: E402
 
 RECIPES = ("forge", "bank", "tutorial-time", "tutorial")  # forge first: its rows set tutorial-time's
 # The tutorial's single question per language; both come from the train split, never held out.
@@ -365,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
+                # What the preset's train.precision meant on this machine ("auto": bf16 on AMX CPUs).
+                "train_precision": resolve_precision(base_cfg.train.precision, pick_device(base_cfg)),
             },
             "wall_s": round(time.time() - t_all, 1),
             "rows": rows,

@@ -128,7 +128,9 @@ class TrainSection(_Section):
         "paged_adamw_32bit"
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="compute dtype; auto picks bf16 on GPUs that have it, fp32 on CPU"
+        "auto",
+        description="compute dtype; auto picks bf16 on GPUs that have it, and on CPUs with bf16 matrix "
+        "units (AMX) bf16 autocast over fp32 weights, else fp32",
     )
     seed: int = 42
     save_steps: int = Field(100, ge=1)

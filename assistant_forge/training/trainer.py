@@ -86,7 +86,7 @@ from assistant_forge.training.data import (
     replay_draw,
     speaks_of_itself,
 )
-from assistant_forge.training.modeling import build_model, pick_device
+from assistant_forge.training.modeling import build_model, pick_device, resolve_precision
 from assistant_forge.training.saving import ForgeTrainer, as_disk_full, remove_stale_staging
 
 ERROR_LOG = "error.log"
@@ -375,9 +375,7 @@ def _samples(cfg: ForgeConfig, tok: Any, conversations: Any, extra: list[dict]) 
 
 def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) -> TrainingArguments:
     t = cfg.train
-    precision = t.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+    precision = resolve_precision(t.precision, device)
     optim = (
         t.optimizer
         if device == "cuda" or not t.optimizer.startswith(("paged", "adamw_8bit"))
@@ -398,7 +396,9 @@ def training_args(run: Path, cfg: ForgeConfig, device: str, **overrides: Any) ->
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=optim,
-        bf16=precision == "bf16" and device == "cuda",
+        # On a CPU too: accelerate runs the forward under bf16 autocast (LoRA weights and optimizer state
+        # stay fp32), ~1.7x faster on CPUs with AMX tiles (modeling.resolve_precision decides "auto").
+        bf16=precision == "bf16",
         fp16=precision == "fp16",
         logging_steps=t.logging_steps,
         save_strategy="steps",

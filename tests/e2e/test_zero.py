@@ -35,7 +35,10 @@ def zero_config(tmp: Path, name: str, *, processes: int, grad_accum: int, max_st
     # A constant rate: the shorter ZeRO-3 run then takes the reference's first steps exactly (a
     # cosine schedule depends on the total).
     text = text.replace("learning_rate = 5e-4", 'learning_rate = 5e-4\nlr_scheduler = "constant"')
-    path.write_text(text.replace('device = "cpu"', f'device = "cpu"\nzero_stage = {stage}'))
+    # fp32 for all three: on a CPU with AMX "auto" is bf16, which DeepSpeed runs on bf16 weights and
+    # the plain Trainer as autocast over fp32 ones; the comparison here is of the sharding alone.
+    zero = f'device = "cpu"\nzero_stage = {stage}\nprecision = "fp32"'
+    path.write_text(text.replace('device = "cpu"', zero))
     return path
 
 
