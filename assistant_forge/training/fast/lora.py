@@ -16,7 +16,7 @@ from torch import nn
 
 from assistant_forge.core import memory as mem
 from assistant_forge.training.fast.dequant import dense_rows, dequant_rows, group_weight_args
-from assistant_forge.training.fast.dropout import group_dropout
+from assistant_forge.training.fast.dropout import add_dropped_grad_, group_dropout
 from assistant_forge.training.fast.plumbing import once
 
 # Members of a group: (output, x A^T, keep-mask or None)
@@ -90,8 +90,7 @@ def _lora_bwd(
         if keep is None:
             gx.addmm_(gxa, a)
         else:
-            gxd = torch.bmm(gxa_n, a.view(n, -1, a.shape[1]))
-            gx.add_(torch.ops.aten.native_dropout_backward(gxd, keep, 1.0 / (1.0 - p)).sum(0))
+            add_dropped_grad_(gx, gxa, a, keep, p)
     return gx, ga, gb
 
 
