@@ -475,14 +475,78 @@ def run_forge(
     )
 
 
-def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
-    """CUDA-graphed checkpointed layers against the same plan without graphs: same adapters, ids
-    and seeds, so the losses of every step and the gradients of the last (graphs captured at
-    step 2, replayed after) must agree; with dropout 0.1 that also checks that the backward replay
-    recomputes the forward's dropout masks (other masks would move the gradients by far more)."""
+def _graph_check_pair(
+    out: Path, model: Any, cfg: Any, ids_all: Any, dropout: float, offload: bool, steps: int, seq: int
+) -> bool:
     import torch
 
     from assistant_forge.training import fast
+
+    runs: dict[bool, dict[str, Any]] = {}
+    for graphs in (False, True):
+        reset_adapters(model, dropout)
+        cfg.train.checkpoint_policy = "all"
+        fast.configure_checkpointing(
+            model, cfg, seq_len=seq, optimizer_on_device=True, offload=offload, graphs=graphs
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = fast.make_optimizer(model, cfg, params, lr=2e-4, weight_decay=1e-2)
+        torch.manual_seed(1)
+        torch.cuda.manual_seed(1)
+        model.train()
+        # one_step drops the step's output before the next forward: a live autograd graph
+        # would hold nodes tied to the default stream, and the backward capture fails on them.
+        losses: list[float] = []
+        grads: list[Any] = []
+
+        def keep_grads(ps: Any, into: list[Any] = grads) -> None:
+            into.append(torch.cat([p.grad.reshape(-1).float() for p in ps]))
+
+        for k in range(steps):
+            last = k == steps - 1
+            losses.append(one_step(model, opt, params, ids_all[k], keep_grads if last else None).item())
+        plan = fast.graph_plan(model)
+        runs[graphs] = {
+            "losses": losses,
+            "grads": grads[0],
+            "graphed": fast.report(model).graphed_layers,
+            "captured": plan.captured if plan else 0,
+            "failed": plan.failed if plan else None,
+            "offloaded": bool(plan and plan.offload),
+        }
+        del opt, params
+    a, b = runs[False], runs[True]
+    loss_diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+    grad_rel = ((a["grads"] - b["grads"]).norm() / a["grads"].norm()).item()
+    passed = b["captured"] > 0 and b["failed"] is None and loss_diff < 1e-3 and grad_rel < 1e-2
+    passed = passed and b["offloaded"] == offload
+    emit(
+        out,
+        {
+            "check": "cuda_graphs",
+            "dropout": dropout,
+            "offload": offload,
+            "seq": seq,
+            "losses_plain": [round(x, 5) for x in a["losses"]],
+            "losses_graphs": [round(x, 5) for x in b["losses"]],
+            "max_loss_diff": loss_diff,
+            "last_grad_rel_diff": grad_rel,
+            "graphed_layers": b["graphed"],
+            "captured": b["captured"],
+            "failed": b["failed"],
+            "ok": passed,
+        },
+    )
+    return passed
+
+
+def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
+    """CUDA-graphed checkpointed layers against the same plan without graphs, inputs kept on the
+    device and offloaded to the host: same adapters, ids and seeds, so the losses of every step and
+    the gradients of the last (graphs captured at step 2, replayed after) must agree; with dropout
+    0.1 that also checks that the backward replay recomputes the forward's dropout masks (other
+    masks would move the gradients by far more)."""
+    import torch
 
     ckpt = make_checkpoint("tiny")
     vocab = SHAPES["tiny"]["vocab_size"]
@@ -493,57 +557,8 @@ def graph_check(out: Path, steps: int = 6, seq: int = 1024) -> bool:
     for dropout in (0.0, 0.1):
         cfg = forge_config(ckpt, seq, dropout)
         model, _info = build_forge(cfg, ids_all[0])
-        runs: dict[bool, dict[str, Any]] = {}
-        for graphs in (False, True):
-            reset_adapters(model, dropout)
-            cfg.train.checkpoint_policy = "all"
-            fast.configure_checkpointing(model, cfg, seq_len=seq, optimizer_on_device=True, graphs=graphs)
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = fast.make_optimizer(model, cfg, params, lr=2e-4, weight_decay=1e-2)
-            torch.manual_seed(1)
-            torch.cuda.manual_seed(1)
-            model.train()
-            # one_step drops the step's output before the next forward: a live autograd graph
-            # would hold nodes tied to the default stream, and the backward capture fails on them.
-            losses: list[float] = []
-            grads: list[Any] = []
-
-            def keep_grads(ps: Any, into: list[Any] = grads) -> None:
-                into.append(torch.cat([p.grad.reshape(-1).float() for p in ps]))
-
-            for k in range(steps):
-                last = k == steps - 1
-                losses.append(one_step(model, opt, params, ids_all[k], keep_grads if last else None).item())
-            plan = fast.graph_plan(model)
-            runs[graphs] = {
-                "losses": losses,
-                "grads": grads[0],
-                "graphed": fast.report(model).graphed_layers,
-                "captured": plan.captured if plan else 0,
-                "failed": plan.failed if plan else None,
-            }
-            del opt, params
-        a, b = runs[False], runs[True]
-        loss_diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
-        grad_rel = ((a["grads"] - b["grads"]).norm() / a["grads"].norm()).item()
-        passed = b["captured"] > 0 and b["failed"] is None and loss_diff < 1e-3 and grad_rel < 1e-2
-        ok &= passed
-        emit(
-            out,
-            {
-                "check": "cuda_graphs",
-                "dropout": dropout,
-                "seq": seq,
-                "losses_plain": [round(x, 5) for x in a["losses"]],
-                "losses_graphs": [round(x, 5) for x in b["losses"]],
-                "max_loss_diff": loss_diff,
-                "last_grad_rel_diff": grad_rel,
-                "graphed_layers": b["graphed"],
-                "captured": b["captured"],
-                "failed": b["failed"],
-                "ok": passed,
-            },
-        )
+        for offload in (False, True):  # inputs kept on the device, or copied to the host and back
+            ok &= _graph_check_pair(out, model, cfg, ids_all, dropout, offload, steps, seq)
         del model
         torch._dynamo.reset()
         gc.collect()

@@ -276,7 +276,8 @@ def estimate_memory(
     seq_len: tokens per micro-batch (default: data.max_length x train.micro_batch_size, as packing
     fills each row). checkpointed_layers / offload: the plan (default: what cfg asks for, with
     `auto` meaning every layer). fused: forge's fast path (default: train.fused_kernels). graphs:
-    checkpointed layers replay CUDA graphs (default: train.cuda_graphs with compiled layers).
+    checkpointed layers replay CUDA graphs (default: train.cuda_graphs with compiled layers, and
+    not with offload unless asked: the graphed offload plan is one `auto` picks, fit_checkpointing).
     """
     shape = model_shape(model_config)
     t = cfg.train
@@ -327,15 +328,16 @@ def estimate_memory(
 
     per_layer = _layer_activations(shape, tokens, fused, dropout, eager)
     d_in = tokens * shape.hidden * BF16
-    graphs = (graphs_configured(cfg, fused) if graphs is None else graphs) and checkpointed_layers > 0
-    graphs = graphs and not offload
+    if graphs is None:
+        graphs = graphs_configured(cfg, fused) and not offload
+    graphs = graphs and checkpointed_layers > 0
     # Graphed layers keep their inputs in static buffers (graph_buffers below).
     ckpt_inputs = 0 if offload or graphs else checkpointed_layers * d_in
-    # Graphs: every layer's input buffer (the last layer's output too), two output-gradient buffers
-    # and one layer's adapter gradients (fp32), allocated once.
-    graph_buffers = (
-        (shape.layers + 3) * d_in + _lora_params(cfg, shape) // shape.layers * FP32 if graphs else 0
-    )
+    # Graphs: every layer's input buffer (the last layer's output too; offloaded, three used in turn
+    # and two the backward reads), two output-gradient buffers and one layer's adapter gradients
+    # (fp32), allocated once.
+    inputs = 5 if offload else shape.layers + 1
+    graph_buffers = (inputs + 2) * d_in + _lora_params(cfg, shape) // shape.layers * FP32 if graphs else 0
     saved = (shape.layers - checkpointed_layers) * (per_layer + d_in)
     # Backward of one layer: gradient buffers of its widest activations, a dequantized weight, and
     # (when checkpointed) its recomputed activations.
@@ -344,7 +346,7 @@ def estimate_memory(
     bwd_temp += (widest * BF16) if method == "qlora" else 0
     if not fused:
         bwd_temp *= 2
-    workspace = bwd_temp + (per_layer + (d_in if offload else 0) if checkpointed_layers else 0)
+    workspace = bwd_temp + (per_layer + (d_in if offload and not graphs else 0) if checkpointed_layers else 0)
     if absmax_cache is None:  # the fast path keeps it except in the low-memory (offload) policy
         absmax_cache = policy != "offload"
     # Compiled layers dequantize the double-quantized absmax inside the graph: no cache needed.
@@ -416,7 +418,8 @@ def fit_checkpointing(
     With CUDA graphs (`graphs`, default: train.cuda_graphs with compiled layers) first: optimizer on
     the device, then paged, each with the fewest checkpointed layers (graphed) that fit; a
     graphed 7B/2048 step at 32/32 ran 2.9x the peer against 1.6-1.8x without (bench/RESULTS.md).
-    Then, or without graphs, these tiers, fastest first (measured on an H200, bench/gpu_notes.md:
+    Then every layer graphed with its input offloaded to the host (optimizer on the device, then
+    paged). Then, or without graphs, these tiers, fastest first (measured on an H200, bench/gpu_notes.md:
     at batch 1 x 2048 tokens a 7B step is bound by the CPU issuing kernels, so what removes
     launches beats what removes FLOPs):
     1. optimizer state on the device (one fused AdamW kernel instead of bitsandbytes' per-tensor
@@ -463,6 +466,10 @@ def fit_checkpointing(
         for dev_opt in (True, False) if can_move_opt else (False,):
             if (plan := fewest(dev_opt, graphed=True)) is not None:
                 return plan
+        # Every layer graphed with its input on the host: copies beside the replays, not instead.
+        for dev_opt in (True, False) if can_move_opt else (False,):
+            if (plan := est(layers, True, dev_opt, graphed=True)).total <= budget:
+                return plan
     if can_move_opt and (plan := fewest(True)) is not None:
         return plan
     if can_move_opt and (plan := est(layers, True, True)).total <= budget:
@@ -492,5 +499,5 @@ def planned_memory(
         seq_len=seq_len,
         checkpointed_layers=layers,
         offload=policy == "offload",
-        graphs=graphs,
+        graphs=graphs if policy != "offload" else False,  # asked for offload: the leanest plan
     )

@@ -58,9 +58,13 @@ def test_graphed_plan_counts_its_static_buffers_and_pool() -> None:
     assert graphed.graph_buffers == 35 * d_in + 4_997_120 * 4
     assert graphed.checkpoint_inputs == 0 and graphed.total > plain.total
     assert "replayed as CUDA graphs" in graphed.summary()
-    # No graphs where nothing is checkpointed, or where inputs live on the host.
+    # No graphs where nothing is checkpointed; with inputs on the host only when asked for.
     assert not mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=0, graphs=True).graphs
-    assert not mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True, graphs=True).graphs
+    assert not mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True).graphs
+    off = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True, graphs=True)
+    # Offloaded: three input buffers used in turn, two the backward reads, the same gradient buffers.
+    assert off.graphs and off.graph_buffers == 7 * d_in + 4_997_120 * 4
+    assert off.checkpoint_inputs == 0 and off.total < graphed.total
     # Default: on with compiled layers (the fast path), off with eager ones or with the switch off.
     assert mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32).graphs
     cfg.train.cuda_graphs = False
@@ -78,6 +82,11 @@ def test_fit_at_the_peers_memory_takes_a_graphed_plan(dropout: float, peer_peak:
     assert plan.checkpointed_layers == 30 and not plan.optimizer_on_device
     without = mem.fit_checkpointing(cfg, LLAMA7B, budget, graphs=False)
     assert not without.graphs and without.total <= 0.97 * budget
+    # Below every graphed plan that keeps inputs on the device: all graphed, inputs on the host.
+    lean = mem.fit_checkpointing(cfg, LLAMA7B, int(6.0 * mem.GIB))
+    assert (
+        lean.graphs and lean.offload and lean.checkpointed_layers == 32 and lean.total <= 0.97 * 6 * mem.GIB
+    )
     # Nothing graphed fits: the low-memory plan is unchanged.
     low = mem.fit_checkpointing(cfg, LLAMA7B, int(5.6 * mem.GIB))
     assert low.offload and not low.graphs

@@ -334,15 +334,16 @@ def configure_checkpointing(
             offload=offload,
             optimizer_on_device=optimizer_on_device,
             absmax_cache=absmax_cache,
-            graphs=graphs,
+            # Offloaded inputs are graphed only where the budget's plan chose it.
+            graphs=graphs and (not offload or (est is not None and est.graphs)),
         )
     rep.absmax_cache_gib = round(cache_absmax(model, est.absmax_cache) / mem.GIB, 3)
     rep.optimizer_on_device = optimizer_on_device
     rng = uses_rng(model)
     fn = _make_checkpoint_func(offload, rng)
     plans = [_own_layer_forward(layer) for layer in layers]
-    # The estimate says whether graphs apply (checkpointed layers, inputs kept on the device).
-    graphed = layer_graphs.attach(layers, checkpointed_layers if est.graphs else 0, rng)
+    # The estimate says whether graphs apply (checkpointed layers; inputs offloaded or not).
+    graphed = layer_graphs.attach(layers, checkpointed_layers if est.graphs else 0, rng, offload)
     for i, plan in enumerate(plans):
         plan.checkpointed, plan.checkpoint = i < checkpointed_layers, fn
         plan.graphs = graphed[i] if i < len(graphed) else None

@@ -16,6 +16,11 @@ in static buffers outside it, so a graph's temporaries are free to overlap any o
 pool holds about one layer's workspace. Dropout masks come out the same in the recompute as in the
 forward: the backward replay runs from the generator state the forward replay started at.
 
+With the inputs offloaded (the low-memory plan), the layers' inputs rotate through three device
+buffers instead of one each: each layer's input is copied to pinned host memory on a side stream
+while the layer runs, and copied back into one of two backward buffers while the layer above it
+runs its backward; the copies sit outside the graphs, so the graphs still replay every micro-batch.
+
 What is graphed: one input signature per model (shapes, dtypes and the layer's non-tensor
 arguments; packed training rows all have one), first seen in a step that ran the plain path
 (which compiles the layer), captured the next time. Anything else (another row length, a KV cache,
@@ -62,8 +67,9 @@ class GraphPlan:
     """What the graphed layers of one model share: the pool, the capture stream, the static
     buffers of the one graphed signature, and whether graphs are still on."""
 
-    def __init__(self, num_layers: int, device: torch.device, rng: bool) -> None:
+    def __init__(self, num_layers: int, device: torch.device, rng: bool, offload: bool = False) -> None:
         self.num_layers = num_layers
+        self.offload = offload
         self.scratch_numel = 1  # the largest graphed layer's adapter size (attach sets it)
         self.device = device
         self.rng = rng
@@ -78,15 +84,26 @@ class GraphPlan:
         self._kw_source: list[Any] = []
         self.failed: str | None = None
         self.captured = 0  # graphs made (forward and backward each count)
+        # Offload: pinned host copies of the inputs, the backward's two input buffers, the copy
+        # stream, and the events that say a layer's input reached the host / came back.
+        self.host: list[torch.Tensor] = []
+        self.bwd_in: list[torch.Tensor] = []
+        self.copies = torch.cuda.Stream(device) if offload else None
+        self._on_host: dict[int, torch.cuda.Event] = {}
+        self._back: dict[int, torch.cuda.Event] = {}
 
     # -- static buffers --------------------------------------------------------------------
 
     def adopt(self, signature: tuple[Any, ...], hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         self.signature = signature
-        self.hidden = [
-            torch.empty_like(hidden, memory_format=torch.contiguous_format)
-            for _ in range(self.num_layers + 1)
-        ]
+        ring = self.num_layers + 1 if not self.offload else min(3, self.num_layers + 1)
+        bufs = [torch.empty_like(hidden, memory_format=torch.contiguous_format) for _ in range(ring)]
+        self.hidden = [bufs[i % ring] for i in range(self.num_layers + 1)]
+        if self.offload:
+            self.host = [
+                torch.empty_like(bufs[0], device="cpu", pin_memory=True) for _ in range(self.num_layers)
+            ]
+            self.bwd_in = [torch.empty_like(bufs[0]) for _ in range(2)]
         self.grad = [torch.empty_like(self.hidden[0]) for _ in range(2)]
         self.scratch = torch.empty(self.scratch_numel, dtype=torch.float32, device=self.device)
         leaves, spec = tree_flatten(kwargs)
@@ -102,6 +119,37 @@ class GraphPlan:
             if isinstance(leaf, torch.Tensor) and (first or leaf is not self._kw_source[j]):
                 self._kw_static[j].copy_(leaf)
                 self._kw_source[j] = leaf
+
+    # -- offload (outside the graphs) ------------------------------------------------------
+
+    def to_host(self, i: int) -> None:
+        """Before layer i's forward replay: its input goes to the host while the layer runs, and the
+        buffer the layer writes (which held layer i - 2's input) must have reached the host."""
+        current = torch.cuda.current_stream(self.device)
+        if i == 0:
+            self._back.clear()  # a new micro-batch: nothing fetched for the last one is pending
+        if (ev := self._on_host.get(i - 2)) is not None and self.hidden[i + 1] is self.hidden[i - 2]:
+            current.wait_event(ev)
+        self.copies.wait_stream(current)
+        with torch.cuda.stream(self.copies):
+            self.host[i].copy_(self.hidden[i], non_blocking=True)
+            self._on_host[i] = self.copies.record_event()
+
+    def _fetch(self, i: int) -> None:
+        # After what the current stream has queued (the backward that read this buffer last).
+        self.copies.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copies):
+            self.bwd_in[i % 2].copy_(self.host[i], non_blocking=True)
+            self._back[i] = self.copies.record_event()
+
+    def from_host(self, i: int) -> None:
+        """Before layer i's backward replay: its input back on the device (fetched now unless the
+        layer above fetched it), and layer i - 1's fetched while this one runs."""
+        if i not in self._back:
+            self._fetch(i)
+        torch.cuda.current_stream(self.device).wait_event(self._back.pop(i))
+        if i > 0:
+            self._fetch(i - 1)
 
     def disable(self, why: str) -> None:
         self.failed = why
@@ -184,6 +232,11 @@ class LayerGraphs:
         return self.plan.hidden[self.index + 1]
 
     @property
+    def _xb(self) -> torch.Tensor:
+        """The input the backward graph recomputes from: its own buffer when inputs are offloaded."""
+        return self.plan.bwd_in[self.index % 2] if self.plan.offload else self._x
+
+    @property
     def _gy(self) -> torch.Tensor:
         return self.plan.grad[(self.index + 1) % 2]
 
@@ -222,6 +275,11 @@ class LayerGraphs:
             return True
         self._ptrs, self._autocast = ptrs, autocast
         self._load(hidden, kwargs)
+        if plan.offload:
+            # The warm-up runs write this layer's output buffer, which may still be on its way to
+            # the host (layer i - 2's input); the backward's warm-up reads real data.
+            torch.cuda.current_stream(plan.device).wait_stream(plan.copies)
+            self._xb.copy_(self._x)
         try:
             self.fwd = plan.capture(lambda: self._forward_work(run))
             self.bwd = plan.capture(lambda: self._backward_work(run))
@@ -249,7 +307,7 @@ class LayerGraphs:
             self._y.copy_(out)
 
     def _backward_work(self, run: Callable[..., torch.Tensor]) -> None:
-        x = self._x.detach().requires_grad_(True)
+        x = self._xb.detach().requires_grad_(True)
         with torch.enable_grad(), self._autocast_ctx():
             out = run(x, **self.plan.kwargs)
         grads = torch.autograd.grad(out, [x, *self.params], self._gy, allow_unused=True)
@@ -267,6 +325,8 @@ class LayerGraphs:
 
     def replay_forward(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         self._load(hidden, kwargs)
+        if self.plan.offload:
+            self.plan.to_host(self.index)
         if self.plan.rng:
             self._rng = torch.cuda.get_rng_state(self.plan.device)
         self.fwd.replay()
@@ -275,6 +335,8 @@ class LayerGraphs:
     def replay_backward(self, gy: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if gy.data_ptr() != self._gy.data_ptr():
             self._gy.copy_(gy)
+        if self.plan.offload:
+            self.plan.from_host(self.index)
         if self.plan.rng:
             now = torch.cuda.get_rng_state(self.plan.device)
             torch.cuda.set_rng_state(self._rng, self.plan.device)
@@ -326,9 +388,9 @@ def make_graphed_fn() -> type[torch.autograd.Function]:
     return _GraphedLayer
 
 
-def attach(layers: list[nn.Module], checkpointed: int, rng: bool) -> list[LayerGraphs]:
-    """Graphs for the first `checkpointed` layers, sharing a fresh plan. Layers on a CPU (or a
-    machine without CUDA) get none."""
+def attach(layers: list[nn.Module], checkpointed: int, rng: bool, offload: bool = False) -> list[LayerGraphs]:
+    """Graphs for the first `checkpointed` layers, sharing a fresh plan (their inputs offloaded to the
+    host with `offload`). Layers on a CPU (or a machine without CUDA) get none."""
     if not checkpointed or not torch.cuda.is_available():
         return []
     try:
@@ -337,7 +399,7 @@ def attach(layers: list[nn.Module], checkpointed: int, rng: bool) -> list[LayerG
         return []
     if device.type != "cuda":
         return []
-    plan = GraphPlan(len(layers), device, rng)
+    plan = GraphPlan(len(layers), device, rng, offload)
     graphs = [LayerGraphs(plan, i, layer) for i, layer in enumerate(layers[:checkpointed])]
     plan.scratch_numel = max([plan.scratch_numel, *(g.numel for g in graphs)])
     return graphs
