@@ -13,6 +13,7 @@ checked against measured peaks on an H200 (bench/gpu_notes.md).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,9 @@ NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 # torch's allocator does not count and which spills to the host under pressure.
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
 FUSED_CE_ROWS_X_VOCAB = 1 << 23  # rows of a fused cross-entropy chunk times vocab (fast/loss.py uses it)
+# FORGE_GRAPHED_OFFLOAD=1 lets `auto` pick the graphed offload plan (fit_checkpointing); off until a
+# whole run on a GPU has used it.
+GRAPHED_OFFLOAD = os.environ.get("FORGE_GRAPHED_OFFLOAD", "0") != "0"
 OVERHEAD = int(0.15 * GIB)  # cuBLAS workspaces, RoPE tables, masks, small tensors
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -412,6 +416,7 @@ def fit_checkpointing(
     fused: bool | None = None,
     margin: float = 0.97,
     graphs: bool | None = None,
+    graphed_offload: bool | None = None,
 ) -> MemoryEstimate:
     """The fastest plan whose estimate fits `margin * budget_bytes`.
 
@@ -467,7 +472,8 @@ def fit_checkpointing(
             if (plan := fewest(dev_opt, graphed=True)) is not None:
                 return plan
         # Every layer graphed with its input on the host: copies beside the replays, not instead.
-        for dev_opt in (True, False) if can_move_opt else (False,):
+        graphed_offload = GRAPHED_OFFLOAD if graphed_offload is None else graphed_offload
+        for dev_opt in ((True, False) if can_move_opt else (False,)) if graphed_offload else ():
             if (plan := est(layers, True, dev_opt, graphed=True)).total <= budget:
                 return plan
     if can_move_opt and (plan := fewest(True)) is not None:

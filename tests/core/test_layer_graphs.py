@@ -83,10 +83,11 @@ def test_fit_at_the_peers_memory_takes_a_graphed_plan(dropout: float, peer_peak:
     without = mem.fit_checkpointing(cfg, LLAMA7B, budget, graphs=False)
     assert not without.graphs and without.total <= 0.97 * budget
     # Below every graphed plan that keeps inputs on the device: all graphed, inputs on the host.
-    lean = mem.fit_checkpointing(cfg, LLAMA7B, int(6.0 * mem.GIB))
+    lean = mem.fit_checkpointing(cfg, LLAMA7B, int(6.0 * mem.GIB), graphed_offload=True)
     assert (
         lean.graphs and lean.offload and lean.checkpointed_layers == 32 and lean.total <= 0.97 * 6 * mem.GIB
     )
+    assert not mem.fit_checkpointing(cfg, LLAMA7B, int(6.0 * mem.GIB), graphed_offload=False).graphs
     # Nothing graphed fits: the low-memory plan is unchanged.
     low = mem.fit_checkpointing(cfg, LLAMA7B, int(5.6 * mem.GIB))
     assert low.offload and not low.graphs
