@@ -20,6 +20,7 @@ from assistant_forge.core.config import ForgeConfig
 from assistant_forge.training.fast import attention
 from assistant_forge.training.fast import graphs as layer_graphs
 from assistant_forge.training.fast.dequant import cache_absmax, make_dequant_rows_op
+from assistant_forge.training.fast.dropout import make_dropped_grad_op
 from assistant_forge.training.fast.lora import make_lora_fn, make_lora_op
 from assistant_forge.training.fast.loss import make_ce_fn
 from assistant_forge.training.fast.plumbing import (
@@ -231,7 +232,16 @@ def compile_layers(model: nn.Module, rng: bool) -> int:
     # Made before any trace: a compiled graph guards on what `once` has made so far, so anything made
     # later (the graphs' autograd function at their capture, the anchor at the first checkpoint)
     # would recompile every variant at the next call.
-    makers = (make_lora_fn, make_lora_op, make_dequant_rows_op, make_ce_fn, make_recompute_fn, HostOffload)
+    # Custom operators too: a graph loaded from torch's compile cache (a second run) calls them by name.
+    makers = (
+        make_lora_fn,
+        make_lora_op,
+        make_dequant_rows_op,
+        make_dropped_grad_op,
+        make_ce_fn,
+        make_recompute_fn,
+        HostOffload,
+    )
     for make in (*makers, layer_graphs.make_graphed_fn, attention.find_kernel):
         once(make)
     logging.getLogger("torch._dynamo.convert_frame").addHandler(once(CompileFailures))
@@ -308,7 +318,8 @@ def configure_checkpointing(
         if policy == "auto":
             budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(cfg)
         est = mem.planned_memory(cfg, model_config, budget, seq_len=seq_len, graphs=graphs)
-        checkpointed_layers, offload = est.checkpointed_layers, est.offload
+        checkpointed_layers = est.checkpointed_layers
+        offload = est.offload if offload is None else offload  # explicit arguments win
         if policy == "auto":
             if optimizer_on_device is None:
                 optimizer_on_device = est.optimizer_on_device
