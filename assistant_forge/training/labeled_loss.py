@@ -17,6 +17,8 @@ from __future__ import annotations
 import types
 from typing import Any
 
+from assistant_forge.training.base_anchor import KL_TARGET
+
 IGNORE_INDEX = -100
 # Config attributes of models that scale or cap their logits; their forward is left alone.
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -62,6 +64,8 @@ def loss_only_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) 
     import torch
 
     orig = self._forge_plain_forward
+    # train.kl_to_base: the base model's logits at the replay answers (training.base_anchor).
+    anchor = kwargs.pop(KL_TARGET, None)
     if labels is None or not self.training or not torch.is_grad_enabled():
         return orig(*args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -71,6 +75,8 @@ def loss_only_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) 
     kwargs.pop("logits_to_keep", None)
     outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
     loss = self._forge_loss(outputs[0], self, labels, shift_labels, num_items)
+    if anchor is not None:
+        loss = loss + anchor.term(outputs[0], self.lm_head, num_items, labels)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 

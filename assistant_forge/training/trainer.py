@@ -77,6 +77,7 @@ from assistant_forge.core.runs import (
 from assistant_forge.core.templates import render
 from assistant_forge.errors import ForgeError, one_line
 from assistant_forge.training import distributed, fast, faults, profiling, zero
+from assistant_forge.training.base_anchor import REPLAY
 from assistant_forge.training.data import (
     FlatCollator,
     encode_dataset,
@@ -367,8 +368,12 @@ def _samples(cfg: ForgeConfig, tok: Any, conversations: Any, extra: list[dict]) 
     if not extra:
         return samples
     replayed = encode_records(tok, extra, d.max_length, d.system_prompt)
+    flag = cfg.train.kl_to_base > 0  # the KL anchor needs to know which samples are replay
+    if flag:
+        samples = samples.add_column(REPLAY, [0] * len(samples))
     replayed_ds = Dataset.from_list(
-        [{**s, "length": len(s["input_ids"])} for s in replayed], features=samples.features
+        [{**s, "length": len(s["input_ids"]), **({REPLAY: 1} if flag else {})} for s in replayed],
+        features=samples.features,
     )
     return concatenate_datasets([samples, replayed_ds])
 
@@ -515,6 +520,7 @@ def train_run(run: Path, resume: bool = False) -> str:
         callbacks=[RunCallback(run, cfg, tok)],
         optimizers=optimizers,
     )
+    trainer.kl_to_base = cfg.train.kl_to_base
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per step instead
     if injected := faults.requested():  # tests/faults only
         trainer.add_callback(faults.FaultInjection(trainer, injected))
