@@ -37,14 +37,16 @@ class BaseTarget:
     logits: Any = None  # (positions, vocab) fp32: the base model's next-token logits there
     capture: LayerCapture | None = None
 
-    def term(self, hidden: Any, head: Any, num_items: Any, labels: Any) -> Any:
-        """weight * sum over positions of KL(base || trained), divided like the cross-entropy."""
+    def term(self, hidden: Any, head: Any, num_items: Any, labels: Any, logits: Any = None) -> Any:
+        """weight * sum over positions of KL(base || trained), divided like the cross-entropy.
+        `logits`: the trained model's at the positions, when the caller has them already."""
         import torch
         from torch.nn import functional as F
 
         base_logits = self.logits if self.capture is None else self.capture.base_logits(head, self.positions)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions)
-        student = F.log_softmax(head(h).float(), dim=-1)
+        if logits is None:
+            logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions))
+        student = F.log_softmax(logits.float(), dim=-1)
         base = F.log_softmax(base_logits, dim=-1)
         kl = F.kl_div(student, base, log_target=True, reduction="sum")
         if num_items is None:  # the cross-entropy is then a mean over the labelled tokens

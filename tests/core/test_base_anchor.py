@@ -11,6 +11,7 @@ from assistant_forge.core.identity import generate_identity_records
 from assistant_forge.core.presets import get_preset
 from assistant_forge.training.base_anchor import KL_TARGET, REPLAY, anchored_positions, base_target
 from assistant_forge.training.data import FlatCollator, encode_records, pack_dataset
+from assistant_forge.training.labeled_loss import labeled_cross_entropy
 from assistant_forge.training.modeling import build_model
 
 REPLAYED = [
@@ -103,4 +104,18 @@ def test_kl_is_zero_at_the_start_and_grows_after_a_step(anchored):
         short.close()
     assert not layer._forward_pre_hooks
     assert abs(kl_short.item() - kl.item()) < 1e-5 * max(1.0, kl.item()), (kl_short.item(), kl.item())
+
+    # The CPU loss takes the anchored rows of its own logits; any other loss adds the term apart
+    # (its own pass through the head): the same number.
+    inner = model.get_base_model()
+    with torch.no_grad():
+        hidden = inner.model(**{k: v for k, v in _inputs(batch).items() if k != "labels"})[0]
+        labels, n = batch["labels"], torch.tensor(50)
+        plain = labeled_cross_entropy(hidden, inner.lm_head, labels, num_items_in_batch=n)
+        apart = _anchor(model, batch).term(hidden, inner.lm_head, n, labels)
+        shared = labeled_cross_entropy(
+            hidden, inner.lm_head, labels, num_items_in_batch=n, anchor=_anchor(model, batch)
+        )
+    assert apart.item() > 0
+    assert abs((shared - plain).item() - apart.item()) < 1e-5 * max(1.0, apart.item())
     model.zero_grad()
