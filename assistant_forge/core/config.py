@@ -127,7 +127,8 @@ class TrainSection(_Section):
         0.0,
         ge=0,
         description="weight of a KL term pulling the answers of replay samples toward the base model's "
-        "next-token distribution (adapter off); 0: off. One more forward per step, without gradients",
+        "next-token distribution (adapter off); 0: off. Costs a pass without gradients through the adapted "
+        "layers each step (CPU path only)",
     )
     gradient_checkpointing: bool = True
     optimizer: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = (

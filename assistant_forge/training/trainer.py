@@ -484,6 +484,11 @@ def train_run(run: Path, resume: bool = False) -> str:
         remove_stale_staging(run / "checkpoints")
     overrides: dict[str, Any] = {}
     optimizers: tuple[Any, Any] = (None, None)
+    if fast.enabled(model, cfg) and cfg.train.kl_to_base:
+        # Its compiled and graph-replayed layers were not checked to honour the adapter switched off.
+        raise ForgeError(
+            "train.kl_to_base is not supported on forge's fast GPU path yet; set train.fused_kernels = false"
+        )
     if fast.enabled(model, cfg):
         # The fast path fitted checkpointing and the optimizer to the memory budget; keep its plan.
         overrides = fast.training_args_overrides(cfg, model)
