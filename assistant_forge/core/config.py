@@ -123,6 +123,13 @@ class TrainSection(_Section):
     grad_accum: int = Field(16, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
+    kl_to_base: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a KL term pulling the answers of replay samples toward the base model's "
+        "next-token distribution (adapter off); 0: off. Costs a pass without gradients through the adapted "
+        "layers each step (CPU path only)",
+    )
     gradient_checkpointing: bool = True
     optimizer: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = (
         "paged_adamw_32bit"

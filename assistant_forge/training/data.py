@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant_forge.core.encoding import IGNORE, encode_chats, stop_token_ids, with_system
+from assistant_forge.training.base_anchor import REPLAY
 
 
 def encode_records(
@@ -283,9 +284,11 @@ def _packed_batch(samples: Any, order: Any, starts: list[int], lengths: Any) -> 
     pos = (np.arange(len(ids)) - np.repeat(first, lens)).astype(np.int32)
     ends = np.concatenate([[0], np.cumsum(lens)])
     offsets = pa.array(ends[np.asarray(starts) - starts[0]].astype(np.int32))
+    columns = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if REPLAY in sub.column_names:  # train.kl_to_base: which tokens are replay, sample flag per token
+        columns[REPLAY] = np.repeat(sub.column(REPLAY).to_numpy().astype(np.int8), lens)
     return pa.record_batch(
-        [pa.ListArray.from_arrays(offsets, pa.array(v)) for v in (ids, labels, pos)],
-        names=["input_ids", "labels", "position_ids"],
+        [pa.ListArray.from_arrays(offsets, pa.array(v)) for v in columns.values()], names=list(columns)
     )
 
 
@@ -355,12 +358,14 @@ class FlatCollator:
         ids = [t for r in rows for t in r["input_ids"]]
         labels = [t for r in rows for t in r["labels"]]
         pos = [t for r in rows for t in r["position_ids"]]
+        replay = [t for r in rows for t in r[REPLAY]] if REPLAY in rows[0] else None
         real = len(ids)
         pad = self.pad_to - real
         if pad > 0:
             ids += [self.pad_id] * pad
             labels += [IGNORE] * pad
             pos += range(pad)
+            replay = None if replay is None else replay + [0] * pad
         batch = {
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
@@ -369,6 +374,8 @@ class FlatCollator:
             "use_cache": False,
             REAL_TOKENS: real,
         }
+        if replay is not None:
+            batch[REPLAY] = torch.tensor([replay], dtype=torch.int8)
         if self.boundaries:
             cu = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
             if len(cu) <= self.boundaries + 1:  # more samples than planned for: SDPA's mask instead

@@ -17,6 +17,8 @@ from __future__ import annotations
 import types
 from typing import Any
 
+from assistant_forge.training.base_anchor import KL_TARGET
+
 IGNORE_INDEX = -100
 # Config attributes of models that scale or cap their logits; their forward is left alone.
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -39,8 +41,10 @@ def labeled_cross_entropy(
     *,
     shift_labels: Any | None = None,
     num_items_in_batch: Any | None = None,
+    anchor: Any = None,
 ) -> Any:
-    """transformers' causal-LM loss of `head(hidden)`, computing logits only at labelled positions."""
+    """transformers' causal-LM loss of `head(hidden)`, computing logits only at labelled positions;
+    plus `anchor`'s KL term (training.base_anchor) from the same logits, when given."""
     import torch
     from torch.nn import functional as F
 
@@ -49,11 +53,18 @@ def labeled_cross_entropy(
     logits = head(h.index_select(0, keep)).float()
     target = y.index_select(0, keep)
     if num_items_in_batch is None:
-        return F.cross_entropy(logits, target, reduction="mean")
-    loss = F.cross_entropy(logits, target, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+        loss = F.cross_entropy(logits, target, reduction="mean")
+    else:
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    if anchor is None:
+        return loss
+    # The anchored positions are labelled ones: their rows of `logits`, no second pass through the head.
+    rows = torch.searchsorted(keep, anchor.positions.to(keep.device))
+    denominator = len(keep) if num_items_in_batch is None else num_items_in_batch
+    return loss + anchor.term(hidden, head, denominator, labels, logits.index_select(0, rows))
 
 
 def loss_only_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
@@ -62,6 +73,8 @@ def loss_only_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) 
     import torch
 
     orig = self._forge_plain_forward
+    # train.kl_to_base: the base model's logits at the replay answers (training.base_anchor).
+    anchor = kwargs.pop(KL_TARGET, None)
     if labels is None or not self.training or not torch.is_grad_enabled():
         return orig(*args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -70,7 +83,12 @@ def loss_only_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) 
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("logits_to_keep", None)
     outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
-    loss = self._forge_loss(outputs[0], self, labels, shift_labels, num_items)
+    if anchor is not None and self._forge_loss is _labeled_loss:
+        loss = _labeled_loss(outputs[0], self, labels, shift_labels, num_items, anchor)
+    else:
+        loss = self._forge_loss(outputs[0], self, labels, shift_labels, num_items)
+        if anchor is not None:
+            loss = loss + anchor.term(outputs[0], self.lm_head, num_items, labels)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
@@ -95,9 +113,11 @@ def install_loss(model: Any, loss: Any, *, needs_bias_free_head: bool = False) -
     return None
 
 
-def _labeled_loss(hidden: Any, model: Any, labels: Any, shift_labels: Any, num_items: Any) -> Any:
+def _labeled_loss(
+    hidden: Any, model: Any, labels: Any, shift_labels: Any, num_items: Any, anchor: Any = None
+) -> Any:
     return labeled_cross_entropy(
-        hidden, model.lm_head, labels, shift_labels=shift_labels, num_items_in_batch=num_items
+        hidden, model.lm_head, labels, shift_labels=shift_labels, num_items_in_batch=num_items, anchor=anchor
     )
 
 

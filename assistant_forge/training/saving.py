@@ -16,7 +16,8 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from assistant_forge.core.fsutil import atomic_write_json
 from assistant_forge.core.runs import COMPLETE_MARKER, now_iso
-from assistant_forge.training import distributed
+from assistant_forge.training import base_anchor, distributed
+from assistant_forge.training.base_anchor import KL_TARGET, REPLAY
 from assistant_forge.training.data import REAL_TOKENS
 
 STAGING_PREFIX = ".saving-"
@@ -51,6 +52,7 @@ class ForgeTrainer(Trainer):
     """
 
     _staging: str | None = None
+    kl_to_base = 0.0  # train.kl_to_base (training.base_anchor), set by the trainer
 
     def training_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
         # Tokens are counted here, as the micro-batch is trained on: the collator runs ahead of the
@@ -58,6 +60,20 @@ class ForgeTrainer(Trainer):
         # state.num_input_tokens_seen is saved with each checkpoint, so a resumed run goes on counting.
         self.state.num_input_tokens_seen += distributed.sum_over_ranks(inputs.pop(REAL_TOKENS, 0))
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        # train.kl_to_base: the base model's logits at the replay answers go to the training forward.
+        replay = inputs.pop(REPLAY, None)
+        if replay is None or not self.kl_to_base:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        peft_model = self.accelerator.unwrap_model(model)
+        target = base_anchor.base_target(model, peft_model, inputs, replay, self.kl_to_base)
+        if target is None:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        try:
+            return super().compute_loss(model, {**inputs, KL_TARGET: target}, *args, **kwargs)
+        finally:
+            target.close()
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging or super()._get_output_dir(trial)
