@@ -30,9 +30,9 @@ NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 # torch's allocator does not count and which spills to the host under pressure.
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
 FUSED_CE_ROWS_X_VOCAB = 1 << 23  # rows of a fused cross-entropy chunk times vocab (fast/loss.py uses it)
-# FORGE_GRAPHED_OFFLOAD=1 lets `auto` pick the graphed offload plan (fit_checkpointing); off until a
-# whole run on a GPU has used it.
-GRAPHED_OFFLOAD = os.environ.get("FORGE_GRAPHED_OFFLOAD", "0") != "0"
+# FORGE_GRAPHED_OFFLOAD=0 keeps `auto` from picking the graphed offload plan (fit_checkpointing): 7B/2048
+# at 6.24 GiB ran 3.38x the peer (bench/RESULTS.md, session 11), the ungraphed offload 1.65x at 5.63.
+GRAPHED_OFFLOAD = os.environ.get("FORGE_GRAPHED_OFFLOAD", "1") != "0"
 OVERHEAD = int(0.15 * GIB)  # cuBLAS workspaces, RoPE tables, masks, small tensors
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
