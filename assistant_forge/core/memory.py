@@ -467,15 +467,16 @@ def fit_checkpointing(
         return est(lo, False, dev_opt, graphed=graphed)
 
     can_move_opt = fused and cfg.train.optimizer.startswith("paged_")
+    optimizer_places = (True, False) if can_move_opt else (False,)  # on the device first
     if graphs:
-        for dev_opt in (True, False) if can_move_opt else (False,):
+        for dev_opt in optimizer_places:
             if (plan := fewest(dev_opt, graphed=True)) is not None:
                 return plan
         # Every layer graphed with its input on the host: copies beside the replays, not instead.
-        graphed_offload = GRAPHED_OFFLOAD if graphed_offload is None else graphed_offload
-        for dev_opt in ((True, False) if can_move_opt else (False,)) if graphed_offload else ():
-            if (plan := est(layers, True, dev_opt, graphed=True)).total <= budget:
-                return plan
+        if GRAPHED_OFFLOAD if graphed_offload is None else graphed_offload:
+            for dev_opt in optimizer_places:
+                if (plan := est(layers, True, dev_opt, graphed=True)).total <= budget:
+                    return plan
     if can_move_opt and (plan := fewest(True)) is not None:
         return plan
     if can_move_opt and (plan := est(layers, True, True)).total <= budget:
