@@ -119,7 +119,7 @@ if triton is not None:
                 g_ptr + rows[:, None].to(tl.int64) * (N * R) + j * R + rr[None, :], mask=g_mask, other=0.0
             )
             a = tl.load(a_ptr + (j * R + rr[:, None]).to(tl.int64) * K + ks[None, :], mask=a_mask, other=0.0)
-            kept = tl.load(keep_ptr + j * T * K + idx, mask=inside, other=0)
+            kept = tl.load(keep_ptr + (j * T).to(tl.int64) * K + idx, mask=inside, other=0)  # past 2**31
             acc += tl.where(kept, tl.dot(g, a), 0.0)
         gx = tl.load(gx_ptr + idx, mask=inside, other=0.0).to(tl.float32)
         tl.store(gx_ptr + idx, (gx + acc * scale).to(gx_ptr.dtype.element_ty), mask=inside)
