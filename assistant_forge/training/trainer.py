@@ -58,6 +58,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from assistant_forge.core import answer_cache
+from assistant_forge.core import memory as mem
 from assistant_forge.core.chat import generate_answers
 from assistant_forge.core.config import ForgeConfig
 from assistant_forge.core.encoding import with_system
@@ -440,6 +441,12 @@ def train_run(run: Path, resume: bool = False) -> str:
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     device = pick_device(cfg)
+    if cfg.train.kl_to_base and device == "cuda" and mem.fast_path_configured(cfg):
+        # Before the model loads (fast.enabled's test): the fast path's compiled and graph-replayed
+        # layers were not checked to honour the adapter switched off.
+        raise ForgeError(
+            "train.kl_to_base is not supported on forge's fast GPU path yet; set train.fused_kernels = false"
+        )
     distributed.init(device)
     say = print if distributed.is_main() else _quiet
     if not cfg.data.files:
@@ -484,11 +491,6 @@ def train_run(run: Path, resume: bool = False) -> str:
         remove_stale_staging(run / "checkpoints")
     overrides: dict[str, Any] = {}
     optimizers: tuple[Any, Any] = (None, None)
-    if fast.enabled(model, cfg) and cfg.train.kl_to_base:
-        # Its compiled and graph-replayed layers were not checked to honour the adapter switched off.
-        raise ForgeError(
-            "train.kl_to_base is not supported on forge's fast GPU path yet; set train.fused_kernels = false"
-        )
     if fast.enabled(model, cfg):
         # The fast path fitted checkpointing and the optimizer to the memory budget; keep its plan.
         overrides = fast.training_args_overrides(cfg, model)
