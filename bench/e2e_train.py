@@ -202,7 +202,7 @@ def run(work: Path, out: Path, name: str, raw: dict, env: dict[str, str] | None 
         if m:
             timed["samples" if m.group(1).startswith("samples") else "saves"] += float(m.group(2))
     shutil.copy(run_dir / "events.jsonl", out / f"{tag}.events.jsonl")
-    for kept in ("profile.txt", "trace.json.gz"):
+    for kept in ("profile.txt", "trace.json.gz", *(p.name for p in run_dir.glob("memory_step*.txt"))):
         if (run_dir / kept).exists():
             shutil.copy(run_dir / kept, out / f"{tag}.{kept}")
     speed = speed_summary(events)  # what `forge runs show` reports

@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 VARIABLE = "FORGE_PROFILE_STEPS"
+MEMORY_VARIABLE = "FORGE_MEMORY_TRACE_STEP"
 
 
 def requested(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -110,3 +111,81 @@ class StepProfiler(TrainerCallback):
         warnings.showwarning = self.shown
         warnings.filters[:] = self.filters
         self.shown = None
+
+
+def memory_step_requested(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The optimizer step whose allocations to trace (FORGE_MEMORY_TRACE_STEP), None when not asked."""
+    raw = environ.get(MEMORY_VARIABLE, "").strip()
+    return int(raw) if raw else None
+
+
+def _where(frames: list[dict]) -> str:
+    """The innermost frame in forge's code (else in transformers or peft, else the innermost)."""
+    for key in ("assistant_forge", "transformers", "peft", ""):
+        for f in frames:
+            if key in f.get("filename", ""):
+                return f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}"
+    return "?"
+
+
+def peak_breakdown(snapshot: dict, allocated_at_start: int, rows: int = 30) -> str:
+    """What was allocated at the traced step's peak, by the code that allocated it.
+
+    Replays the allocator's trace (allocations and completed frees) from the allocated total when
+    recording began; blocks older than the recording show up only as that starting total. Blocks
+    inside a CUDA graph's private pool are marked: torch counts them as allocated, and the pool's
+    reserved size already holds them."""
+    pools = [
+        (s["address"], s["address"] + s["total_size"])
+        for s in snapshot.get("segments", [])
+        if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)
+    ]
+    trace = next((t for t in snapshot.get("device_traces", []) if t), [])
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = allocated_at_start
+    at_peak: dict[int, tuple[int, str]] = {}
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _where(e.get("frames", [])))
+            total += e["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif e["action"] == "free_requested":  # where torch's allocated count drops
+            total -= e["size"]
+            live.pop(e["addr"], None)
+    by_where: collections.Counter[str] = collections.Counter()
+    in_pool = 0
+    for addr, (size, where) in at_peak.items():
+        pooled = any(lo <= addr < hi for lo, hi in pools)
+        in_pool += size if pooled else 0
+        by_where[("[pool] " if pooled else "") + where] += size
+    gib = 2**30
+    lines = [
+        f"peak allocated {peak / gib:.3f} GiB = {allocated_at_start / gib:.3f} allocated before the step "
+        f"+ {(peak - allocated_at_start) / gib:.3f} allocated in it ({in_pool / gib:.3f} of that inside "
+        f"graph pools); {len(trace)} trace entries",
+    ]
+    lines += [f"{size / gib:9.3f} GiB  {where}" for where, size in by_where.most_common(rows)]
+    return "\n".join(lines) + "\n"
+
+
+class MemoryTrace(TrainerCallback):
+    """Records the allocator over one optimizer step with Python stacks (FORGE_MEMORY_TRACE_STEP=N)
+    and writes `<run>/memory_step<N>.txt`: the step's peak by allocating code (peak_breakdown)."""
+
+    def __init__(self, run: Path, step: int) -> None:
+        self.run, self.step, self.start = run, step, 0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if torch.cuda.is_available() and state.global_step + 1 == self.step:
+            torch.cuda.synchronize()
+            self.start = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not torch.cuda.is_available() or state.global_step != self.step:
+            return
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(None)
+        (self.run / f"memory_step{self.step}.txt").write_text(peak_breakdown(snap, self.start))

@@ -533,6 +533,8 @@ def train_run(run: Path, resume: bool = False) -> str:
         trainer.add_callback(faults.FaultInjection(trainer, injected))
     if (profiled := profiling.requested()) and distributed.is_main():  # benchmarks only
         trainer.add_callback(profiling.StepProfiler(run, profiled))
+    if (traced := profiling.memory_step_requested()) and distributed.is_main():  # benchmarks only
+        trainer.add_callback(profiling.MemoryTrace(run, traced))
     checkpoint = str(complete_checkpoints(run)[-1][1]) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     # Keep the tokenizer (with the pipeline's template) beside the newest checkpoint for `forge convert`.
