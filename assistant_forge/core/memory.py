@@ -160,6 +160,9 @@ class MemoryEstimate:
     # layer's workspace for good, beside the loss's.
     graphs: bool = False
     graph_buffers: int = 0
+    # Offloaded plans keep a frozen, untied input embedding table in pinned host memory, read in
+    # place (training.fast.host_embedding): not in `weights`.
+    host_embedding: bool = False
 
     @property
     def static(self) -> int:
@@ -197,6 +200,7 @@ class MemoryEstimate:
             "zero_stage",
             "processes",
             "graphs",
+            "host_embedding",
         }
         out = {f.name: round(getattr(self, f.name) / GIB, 3) for f in fields(self) if f.name not in skip}
         out["total"] = round(self.total_gib, 3)
@@ -327,6 +331,9 @@ def estimate_memory(
             trainable += one_layer
         else:
             weights = weights // procs + one_layer
+    host_embedding = offload and fused and method != "full" and not shape.tied
+    if host_embedding:
+        weights -= shape.vocab * shape.hidden * BF16
     dropout = cfg.lora.dropout if method != "full" else 0.0
     eager = cfg.model.attn_implementation == "eager"
 
@@ -384,6 +391,7 @@ def estimate_memory(
         processes=procs,
         graphs=graphs,
         graph_buffers=graph_buffers,
+        host_embedding=host_embedding,
     )
 
 

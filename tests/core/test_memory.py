@@ -228,3 +228,18 @@ def test_the_apps_memory_line_shows_the_fitted_plan_not_the_all_checkpointed_one
     assert "fitted to 7 GiB" in line
     cfg.train.memory_budget_gib, cfg.meta.min_gpu_gib = 0, 7.0  # no budget: the preset's GPU stands in
     assert memory_line(cfg, LLAMA7B) == line
+
+
+def test_offloaded_plans_keep_an_untied_input_embedding_on_the_host() -> None:
+    cfg = bench_cfg(2048, 0.1)
+    table = 32000 * 4096 * 2  # Llama-2 7B's input embedding, bf16
+    on_dev = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=False)
+    off = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True)
+    assert off.host_embedding and not on_dev.host_embedding
+    assert on_dev.weights - off.weights == table
+    plain = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True, fused=False)
+    assert not plain.host_embedding  # the plain path does not move it
+    tied = {**LLAMA7B, "tie_word_embeddings": True}  # the head's matmul reads the same table
+    tied_off = mem.estimate_memory(cfg, tied, checkpointed_layers=32, offload=True)
+    assert not tied_off.host_embedding
+    assert mem.estimate_memory(cfg, tied, checkpointed_layers=32).weights == tied_off.weights

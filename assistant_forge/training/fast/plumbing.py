@@ -78,6 +78,7 @@ class SpeedReport:
     offload: bool = False
     optimizer_on_device: bool = False
     absmax_cache_gib: float = 0.0
+    host_embedding_gib: float = 0.0  # input embedding table moved to pinned host memory (offloaded plans)
     estimate_gib: float | None = None
     budget_gib: float | None = None
     notes: list[str] = field(default_factory=list)
