@@ -243,3 +243,14 @@ def test_offloaded_plans_keep_an_untied_input_embedding_on_the_host() -> None:
     tied_off = mem.estimate_memory(cfg, tied, checkpointed_layers=32, offload=True)
     assert not tied_off.host_embedding
     assert mem.estimate_memory(cfg, tied, checkpointed_layers=32).weights == tied_off.weights
+
+
+# Session 12 (2026-12-03), `forge train` end to end (bench/e2e_train.py, vocab 49152): every layer graphed
+# with its input offloaded, paged optimizer, input embedding on the host, final norm compiled: 5.61 GiB
+# at 2048 (bench/RESULTS.md, session 12).
+def test_estimate_tracks_the_lean_graphed_plan_end_to_end() -> None:
+    cfg = bench_cfg(2048, 0.1, compiled=True)
+    shape = {**LLAMA7B, "vocab_size": 49152}
+    plan = mem.fit_checkpointing(cfg, shape, int(5.8 * GIB))
+    assert plan.graphs and plan.offload and plan.host_embedding and not plan.optimizer_on_device
+    assert -0.06 <= plan.total_gib / 5.61 - 1 <= 0.10, plan.summary()
