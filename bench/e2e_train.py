@@ -26,6 +26,7 @@ as the user sees it):
   fast@peer  the fast path with memory_budget_gib = the plain run's peak (needs `plain` first)
   fast@G     the fast path with memory_budget_gib = G (e.g. fast@5.4)
   .../sdpa   without varlen attention (train.varlen_attention = false): SDPA with a block mask
+  .../discard  with FORGE_DISCARD_RECOMPUTED_OUTPUT=1 (the recompute skips the down projection)
 A run name may end in `+` to run it again in the same call (warm caches: torch's compile cache, the
 replay cache): `fast,fast+`.
 
@@ -299,7 +300,7 @@ def main() -> int:
     write_records(general_conversations(half, seed=0), work / "general.jsonl")
     results: list[dict] = []
     for name in a.runs.split(","):
-        kind, _, flag = name.rstrip("+").partition("/")  # fast@peer/sdpa: without varlen attention
+        kind, _, flag = name.rstrip("+").partition("/")  # fast@peer/sdpa, fast@peer/discard
         budget = 0.0
         if kind.startswith("fast@"):
             arg = kind.split("@", 1)[1]
@@ -325,6 +326,8 @@ def main() -> int:
         env = {}
         if kind != "plain":
             env = {k: v for k, v in (("FORGE_PROFILE_STEPS", a.profile), ("TORCH_LOGS", a.torch_logs)) if v}
+            if flag == "discard":
+                env["FORGE_DISCARD_RECOMPUTED_OUTPUT"] = "1"
         rec = run(work, out, name, raw, env)
         results.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "losses"}), flush=True)

@@ -342,3 +342,39 @@ def test_a_budget_no_plan_fits_is_said(tiny_llama: Path) -> None:
     fast.report(model).notes.clear()
     fast.configure_checkpointing(model, cfg, budget_bytes=64 * 2**30)
     assert not any("no plan fits" in n for n in fast.report(model).notes)
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile needs g++")
+        ),
+    ],
+)
+def test_recompute_leaves_the_down_projection_uncomputed(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """FORGE_DISCARD_RECOMPUTED_OUTPUT: a checkpointed layer's recompute skips the down projection's
+    product (only the residual add reads it, and the recompute's output is never read), with the
+    same loss and gradients, eager and compiled."""
+    from assistant_forge.training.fast import lora, plumbing
+
+    model = build(tiny_llama, fast=True, compile_layers=compiled)
+    downs = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    assert len(downs) == 2 and all(m.__dict__["_forge_lora"].discardable for m in downs)
+    ref_loss, ref = loss_and_grads(model)
+    discards: list[bool] = []
+    real = lora._lora_fwd
+
+    def spy(*args, **kwargs):  # the real function, its `discard` argument recorded
+        discards.append(bool(args[8]) if len(args) > 8 else kwargs.get("discard", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "_lora_fwd", spy)
+    monkeypatch.setattr(plumbing, "DISCARD_RECOMPUTED_OUTPUT", True)
+    loss, got = loss_and_grads(model)
+    assert discards.count(True) == 1  # layer 0's down projection, in its recompute only
+    assert abs(loss - ref_loss) < 1e-6
+    assert set(got) == set(ref) and max(rel_err(got[n], ref[n]) for n in ref) < 1e-6

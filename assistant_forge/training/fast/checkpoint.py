@@ -29,6 +29,7 @@ from assistant_forge.training.fast.plumbing import (
     decoder_layers,
     layer_plan,
     once,
+    recomputing,
     report,
     unwrap,
     uses_rng,
@@ -121,10 +122,18 @@ def make_recompute_fn() -> type[torch.autograd.Function]:
                     torch.set_rng_state(ctx.cpu_rng)
                     if ctx.dev_rng is not None:
                         torch.cuda.set_rng_state(ctx.dev_rng, dev)
-                    with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
+                    with (
+                        torch.enable_grad(),
+                        torch.autocast(dev.type, dtype=dtype, enabled=enabled),
+                        recomputing(),
+                    ):
                         out = ctx.run(hidden, *ctx.args)
             else:
-                with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
+                with (
+                    torch.enable_grad(),
+                    torch.autocast(dev.type, dtype=dtype, enabled=enabled),
+                    recomputing(),
+                ):
                     out = ctx.run(hidden, *ctx.args)
             torch.autograd.backward(out, grad)
             return (None, None, None, None, hidden.grad) + (None,) * len(ctx.args)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from assistant_forge.errors import one_line
-from assistant_forge.training.fast.plumbing import layer_plan, once
+from assistant_forge.training.fast.plumbing import layer_plan, once, recomputing
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class LayerGraphs:
 
     def _backward_work(self, run: Callable[..., torch.Tensor]) -> None:
         x = self._xb.detach().requires_grad_(True)
-        with torch.enable_grad(), self._autocast_ctx():
+        with torch.enable_grad(), self._autocast_ctx(), recomputing():
             out = run(x, **self.plan.kwargs)
         grads = torch.autograd.grad(out, [x, *self.params], self._gy, allow_unused=True)
         self._gx.copy_(grads[0])

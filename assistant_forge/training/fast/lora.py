@@ -17,7 +17,7 @@ from torch import nn
 from assistant_forge.core import memory as mem
 from assistant_forge.training.fast.dequant import dense_rows, dequant_rows, group_weight_args
 from assistant_forge.training.fast.dropout import add_dropped_grad_, group_dropout
-from assistant_forge.training.fast.plumbing import once
+from assistant_forge.training.fast.plumbing import RECOMPUTE, once, unwrap
 
 # Members of a group: (output, x A^T, keep-mask or None)
 LoraOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -32,12 +32,14 @@ def _lora_fwd(
     scale: float,
     p: float,
     n: int,
+    discard: bool = False,
 ) -> LoraOut:
     """y = x W^T (+ bias) + s * (drop(x) A^T) B^T for 2-D x and a group of n projections that read
     x: A stacks their (r, in) adapters, B is block-diagonal (their (out, r) adapters), `weight()`
     gives their stacked dense W (made only for the matmul). Each projection draws its own dropout
     mask, as PEFT's separate dropout modules do. Returns y, x A^T and the keep-mask (bool
-    (n, tokens, in), or None at p = 0)."""
+    (n, tokens, in), or None at p = 0). `discard`: y will not be read (a recompute, see
+    plumbing.RECOMPUTE): left uncomputed, what backward needs (x A^T, the mask) made as usual."""
     keep = None
     if p > 0:
         # One kernel for all n masks; x A_i^T per projection as one batched matmul.
@@ -46,6 +48,8 @@ def _lora_fwd(
         del xd
     else:
         xa = x @ a.t()
+    if discard:
+        return x.new_empty(x.shape[0], b.shape[0]), xa, keep
     w = weight()
     y = torch.nn.functional.linear(x, w, bias)
     del w
@@ -108,9 +112,10 @@ def make_lora_fn() -> type[torch.autograd.Function]:
         backward."""
 
         @staticmethod
-        def forward(ctx: Any, x, a, b, bases, scale: float, p: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        def forward(ctx: Any, x, a, b, bases, scale: float, p: float, discard: bool) -> torch.Tensor:  # type: ignore[no-untyped-def]
             weight = lambda: dense_rows(bases, x.shape[1], x.dtype)  # noqa: E731
-            y, xa, keep = _lora_fwd(x, a, b, weight, _stacked_bias(bases, x.dtype), scale, p, len(bases))
+            bias = _stacked_bias(bases, x.dtype)
+            y, xa, keep = _lora_fwd(x, a, b, weight, bias, scale, p, len(bases), discard)
             ctx.save_for_backward(x, xa, keep, a, b)
             ctx.bases, ctx.scale, ctx.p = bases, scale, p
             return y
@@ -121,14 +126,14 @@ def make_lora_fn() -> type[torch.autograd.Function]:
             w = lambda: dense_rows(ctx.bases, x.shape[1], x.dtype)  # noqa: E731
             n = len(ctx.bases)
             gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
-            return gx, ga, gb, None, None, None
+            return gx, ga, gb, None, None, None, None
 
     return _LoraLinear
 
 
 _LORA_OP_SCHEMA = (
     "(Tensor x, Tensor a, Tensor b, Tensor[] weight, Tensor?[] absmax, Tensor? bias, float scale, float p,"
-    " int blocksize, str quant_type, SymInt[] rows) -> (Tensor, Tensor, Tensor)"
+    " int blocksize, str quant_type, SymInt[] rows, bool discard) -> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -138,18 +143,18 @@ def make_lora_op() -> torch.library.CustomOpDef:
     forward's and keeps every dense bf16 weight alive until backward (0.4 GiB a 7B layer)."""
 
     @torch.library.custom_op("forge::lora_linear", mutates_args=(), schema=_LORA_OP_SCHEMA)
-    def op(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows):  # type: ignore[no-untyped-def]
+    def op(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows, discard):  # type: ignore[no-untyped-def]
         w = lambda: dequant_rows(weight, absmax, blocksize, quant_type, rows, x.shape[1], x.dtype)  # noqa: E731
-        y, xa, keep = _lora_fwd(x, a, b, w, bias, scale, p, len(weight))
+        y, xa, keep = _lora_fwd(x, a, b, w, bias, scale, p, len(weight), discard)
         return y, xa, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
 
     @op.register_fake
-    def _(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows):  # type: ignore[no-untyped-def]
+    def _(x, a, b, weight, absmax, bias, scale, p, blocksize, quant_type, rows, discard):  # type: ignore[no-untyped-def]
         keep = x.new_empty((len(weight), *x.shape) if p > 0 else (0,), dtype=torch.bool)
         return x.new_empty(x.shape[0], sum(rows)), x.new_empty(x.shape[0], a.shape[0]), keep
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: LoraOut) -> None:
-        x, a, b, weight, absmax, _bias, scale, p, blocksize, quant_type, rows = inputs
+        x, a, b, weight, absmax, _bias, scale, p, blocksize, quant_type, rows, _discard = inputs
         _y, xa, keep = output
         ctx.save_for_backward(x, a, b, xa, keep, *weight, *[t for t in absmax if t is not None])
         ctx.scale, ctx.p, ctx.quant = scale, p, (blocksize, quant_type, list(rows))
@@ -163,7 +168,7 @@ def make_lora_op() -> torch.library.CustomOpDef:
         w = lambda: dequant_rows(weight, absmax, blocksize, quant_type, rows, x.shape[1], x.dtype)  # noqa: E731
         keep = keep if ctx.p > 0 else None
         gx, ga, gb = _lora_bwd(gy, x, xa, keep, a, b, w, ctx.scale, ctx.p, n, ctx.needs_input_grad)
-        return gx, ga, gb, [None] * n, [None] * n, None, None, None, None, None, None
+        return gx, ga, gb, [None] * n, [None] * n, None, None, None, None, None, None, None
 
     op.register_autograd(backward, setup_context=setup_context)
     return op
@@ -176,10 +181,12 @@ def lora_linear(
     b: torch.Tensor,
     scale: float,
     p: float = 0.0,
+    discard: bool = False,
 ) -> torch.Tensor:
     """The fused LoRA projection of `x` (any leading shape) through one base layer, or through a
     group of base layers that read the same x (a list: A stacked, B block-diagonal, output
-    stacked; see _lora_fwd). The adapters are multiplied in x's dtype."""
+    stacked; see _lora_fwd). The adapters are multiplied in x's dtype. `discard`: the output will
+    not be read, only its gradient given (see _lora_fwd)."""
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -188,9 +195,11 @@ def lora_linear(
         weights, absmax, blocksize, quant_type, rows = group_weight_args(bases)
         bias = _stacked_bias(bases, x.dtype)
         op = once(make_lora_op)
-        y = op(x2, a, b, weights, absmax, bias, float(scale), float(p), blocksize, quant_type, rows)[0]
+        y = op(x2, a, b, weights, absmax, bias, float(scale), float(p), blocksize, quant_type, rows, discard)[
+            0
+        ]
     else:
-        y = once(make_lora_fn).apply(x2, a, b, tuple(bases), float(scale), float(p))
+        y = once(make_lora_fn).apply(x2, a, b, tuple(bases), float(scale), float(p), discard)
     return y.view(*lead, y.shape[-1])
 
 
@@ -297,11 +306,18 @@ class FusedLora:
     peft_forward: Callable[..., torch.Tensor]  # PEFT's own forward, for what the fused path skips
     group: _LoraGroup | None = None  # siblings that read the same input, run as one op
     index: int = 0  # this layer's place in the group
+    # Its output goes straight into the layer's residual add: a recompute may leave it uncomputed.
+    discardable: bool = False
 
 
 # Projections whose output is saved for backward as it is (attention's v): copied out of the
 # group's output block so that block can be freed.
 _OWN_STORAGE = ("v_proj",)
+
+# Model types whose decoder layer adds the MLP's down projection straight to the residual stream (no
+# norm after it, unlike Gemma 2/3 or OLMo 2): a recompute may leave that projection uncomputed.
+# InternLM2 loads as Llama (core.internlm2), Yi as Llama.
+_RESIDUAL_DOWN_PROJ = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 def _lora_forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -319,13 +335,16 @@ def _lora_forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -
         return fused.peft_forward(x)
     name, p = got
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    return lora_linear(x, self.base_layer, a, b, self.scaling[name], p)
+    discard = fused.discardable and RECOMPUTE.active
+    return lora_linear(x, self.base_layer, a, b, self.scaling[name], p, discard)
 
 
 def patch_lora_layers(model: nn.Module, group: bool = True) -> int:
     """Route every PEFT LoRA Linear through the fused path, siblings that read one input as a
     group (`group=False`: each on its own); returns how many were patched."""
     once(make_lora_fn)  # made here, outside any compiled region
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    residual_down = model_type in _RESIDUAL_DOWN_PROJ
     n = 0
     for parent in model.modules():
         patched: dict[str, FusedLora] = {}
@@ -341,6 +360,7 @@ def patch_lora_layers(model: nn.Module, group: bool = True) -> int:
                     fused = m.__dict__["_forge_lora"] = FusedLora(m.forward)
                     m.forward = types.MethodType(_lora_forward, m)
                 fused.group, fused.index = None, 0
+                fused.discardable = residual_down and child_name == "down_proj"
                 patched[child_name], members[child_name] = fused, m
                 n += 1
         for names in mem.SIBLING_PROJECTIONS if group else ():

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,6 +31,36 @@ def once(make: Callable[..., T], key: Any = None) -> T:
     if made is None:
         made = _MADE[k] = make() if key is None else make(key)
     return made
+
+
+# FORGE_DISCARD_RECOMPUTED_OUTPUT=1: a checkpointed layer's recompute skips the products whose output
+# only feeds the layer's output (fast.lora). Off until a GPU run has measured it.
+DISCARD_RECOMPUTED_OUTPUT = os.environ.get("FORGE_DISCARD_RECOMPUTED_OUTPUT", "0") != "0"
+
+
+class _Recompute:
+    """Whether a checkpointed layer is being recomputed for its backward right now. Its output's
+    value is then never read (only the gradient given for it flows back), so a projection whose
+    output goes straight into the residual add (the MLP's down projection in Llama-style layers)
+    need not be computed, only its backward. Read while tracing: the compiler keeps one variant
+    for the recompute and one for the forward."""
+
+    def __init__(self) -> None:
+        # An instance attribute from the start: the compiler guards on where it finds it.
+        self.active = False
+
+
+RECOMPUTE = _Recompute()
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark the layer call inside as a recompute whose output is not read (see _Recompute)."""
+    before, RECOMPUTE.active = RECOMPUTE.active, DISCARD_RECOMPUTED_OUTPUT
+    try:
+        yield
+    finally:
+        RECOMPUTE.active = before
 
 
 def unwrap(model: nn.Module) -> nn.Module:
