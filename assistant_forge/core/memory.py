@@ -212,6 +212,8 @@ class MemoryEstimate:
         )
         if self.graphs:
             plan += ", replayed as CUDA graphs"
+        if self.host_embedding:
+            plan += ", input embedding on the host"
         if self.zero_stage:
             plan += f", per process of {self.processes} under ZeRO-{self.zero_stage}"
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.breakdown_gib().items() if v and k != "total")

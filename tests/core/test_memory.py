@@ -236,6 +236,7 @@ def test_offloaded_plans_keep_an_untied_input_embedding_on_the_host() -> None:
     on_dev = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=False)
     off = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True)
     assert off.host_embedding and not on_dev.host_embedding
+    assert "input embedding on the host" in off.summary() and "host" not in on_dev.summary()
     assert on_dev.weights - off.weights == table
     plain = mem.estimate_memory(cfg, LLAMA7B, checkpointed_layers=32, offload=True, fused=False)
     assert not plain.host_embedding  # the plain path does not move it
