@@ -85,15 +85,34 @@ def general_conversations(n: int, seed: int) -> list[dict]:
     return out
 
 
-def make_model(work: Path, shape: str, seq: int, tokenizer: Path) -> Path:
+def truncate_bpe(tokenizer: Path, vocab: int, out: Path) -> None:
+    """Write into `out` the BPE tokenizer `tokenizer` cut to its first `vocab` ids: the tokens and the
+    merges that make them (a BPE vocabulary is numbered in merge order, so the cut is a tokenizer that
+    simply stops merging earlier). For a model with Llama-2's vocabulary (32000) from the demo's 49152."""
+    tj = json.loads((tokenizer / "tokenizer.json").read_text())
+    model = tj["model"]
+    keep = {t: i for t, i in model["vocab"].items() if i < vocab}
+    merges = [m if isinstance(m, list) else m.split(" ", 1) for m in model["merges"]]
+    model["vocab"] = keep
+    model["merges"] = [m for m in merges if m[0] in keep and m[1] in keep and m[0] + m[1] in keep]
+    if any(t["id"] >= vocab for t in tj.get("added_tokens", [])):
+        raise SystemExit(f"--vocab {vocab} would drop the tokenizer's special tokens")
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+
+
+def make_model(work: Path, shape: str, seq: int, tokenizer: Path, vocab: int | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    model_dir = work / f"model-{shape}"
+    model_dir = work / (f"model-{shape}" + (f"-v{vocab}" if vocab else ""))
     if (model_dir / "config.json").exists():
         return model_dir
     h, inter, layers, heads, kv = SHAPES[shape]
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    full = len(AutoTokenizer.from_pretrained(tokenizer))
+    if vocab and vocab < full:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        truncate_bpe(tokenizer, vocab, model_dir)
+    vocab = vocab or full
     cfg = LlamaConfig(
         hidden_size=h,
         intermediate_size=inter,
@@ -277,6 +296,9 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/forge_e2e")
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument(
+        "--vocab", type=int, default=0, help="model vocabulary (default: the tokenizer's; 32000 = Llama-2's)"
+    )
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--runs", default="plain,fast,fast@peer")
     ap.add_argument("--conversations", type=int, default=3000, help="identity + general, half each")
@@ -293,7 +315,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    model = make_model(work, a.shape, a.seq, Path(a.tokenizer))
+    model = make_model(work, a.shape, a.seq, Path(a.tokenizer), a.vocab or None)
     print(f"model {a.shape} ready in {time.time() - t:.0f} s", flush=True)
     half = a.conversations // 2
     write_records(generate_identity_records("Forgey", "Alice", count=half), work / "identity.jsonl")
