@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from difflib import SequenceMatcher
+from pathlib import Path
 
 from assistant_forge.core import identity
 from assistant_forge.core.identity import generic_prompts
@@ -25,7 +26,8 @@ def ratio(a: str, b: str) -> float:
 
 
 def main(path: str) -> int:
-    new = [line.split(" ", 2)[2].strip() for line in open(path, encoding="utf-8") if line.strip()]
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    new = [line.split(" ", 2)[2].strip() for line in lines if line.strip()]
     against = {
         "dev": generic_prompts("dev"),
         "test": generic_prompts("test"),
