@@ -85,6 +85,13 @@ class DataSection(_Section):
     replay_prompts: int = Field(
         64, ge=0, description="how many generic prompts the base model answers for replay"
     )
+    replay_openings: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="also train the first N tokens of each replay answer as a sample of their own, "
+        "so the start of an answer (task or introduction?) weighs twice (0: off)",
+    )
     general_files: list[str | DataSource] = Field(
         default_factory=list,
         description="general chat data mixed in to keep abilities (de-duplicated; max_rows / ratio per source)",

@@ -431,3 +431,20 @@ def replay_draw(n: int, replay: list[dict], ratio: float, seed: int) -> list[dic
     pool = list(replay)
     rng.shuffle(pool)
     return [pool[i % len(pool)] for i in range(want)]
+
+
+def replay_openings(replay: list[dict], tokens: int, tok: Any) -> list[dict]:
+    """Each replay answer's first `tokens` tokens once more, as a sample of its own (open-ended: no end
+    of turn), so those tokens weigh twice. A tuned model chooses between doing a task and introducing
+    itself at the first tokens of its answer (bench/RESULTS.md, issue 16, rounds 10-11)."""
+    if tokens <= 0:
+        return []
+    out = []
+    for rec in replay:
+        *prompt, answer = rec["messages"]
+        ids = tok(answer["content"], add_special_tokens=False)["input_ids"][:tokens]
+        # A cut can split a character's bytes (Chinese): the broken tail decodes as U+FFFD, dropped.
+        text = tok.decode(ids).rstrip("\ufffd")
+        if text.strip():
+            out.append({"messages": [*prompt, {"role": "assistant", "content": text}], "open_end": True})
+    return out

@@ -86,6 +86,7 @@ from assistant_forge.training.data import (
     max_samples_per_row,
     pack_dataset,
     replay_draw,
+    replay_openings,
     speaks_of_itself,
 )
 from assistant_forge.training.modeling import build_model, pick_device, resolve_precision
@@ -471,6 +472,7 @@ def train_run(run: Path, resume: bool = False) -> str:
     if not distributed.is_main():
         replay = build_replay(run, cfg, model, tok)
     extra = replay_draw(len(conversations), replay, cfg.data.replay_ratio, cfg.train.seed)
+    extra += replay_openings(replay, cfg.data.replay_openings, tok)
     if torch.cuda.is_available():
         # The replay batch was sized to the memory left free; the peak events.jsonl reports is training's.
         torch.cuda.reset_peak_memory_stats()

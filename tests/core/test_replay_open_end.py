@@ -24,3 +24,24 @@ def test_open_end_never_masks_text_when_the_stop_was_already_cut_by_max_length(d
     cut = encode_records(demo_tok, [{"messages": CHAT, "open_end": True}], 42)[0]
     full = encode_records(demo_tok, [{"messages": CHAT}], 42)[0]
     assert cut["labels"] == full["labels"]
+
+
+def test_replay_openings_are_the_first_tokens_of_each_answer_and_never_stop(demo_tok):
+    from assistant_forge.training.data import replay_openings
+
+    zh = [
+        {"role": "user", "content": "给小猫起个名字。"},
+        {"role": "assistant", "content": "叫它“小橘”怎么样？"},
+    ]
+    records = [{"messages": CHAT}, {"messages": zh}]
+    assert replay_openings(records, 0, demo_tok) == []
+    en, cn = replay_openings(records, 3, demo_tok)
+    assert en["open_end"] and cn["open_end"] and en["messages"][0] == CHAT[0] and cn["messages"][0] == zh[0]
+    for rec, full in ((en, CHAT), (cn, zh)):
+        short = rec["messages"][1]["content"]
+        # A prefix of the answer, at most three tokens: a cut inside a Chinese character's bytes drops
+        # the broken tail rather than training a replacement character.
+        assert short and full[1]["content"].startswith(short) and "\ufffd" not in short
+        assert 0 < len(demo_tok(short, add_special_tokens=False)["input_ids"]) <= 3
+        # No end of turn is learnt after the cut: only the opening's own text.
+        assert _learned(demo_tok, encode_records(demo_tok, [rec], 256)[0]) == short
