@@ -621,33 +621,25 @@ def check_nf4_kernel() -> dict[str, Any]:
         ),
         ("forge", lambda: dq.dequant(w, absmax, blocksize, quant_type, shape, torch.bfloat16)),
     ):
-        for _ in range(5):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(100):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        us = start.elapsed_time(end) * 10
+        us = _cuda_us(fn, warm=5, timed=100)
         # bytes moved: the 4-bit codes read, the bf16 weight written
         timing[name] = {"us": round(us, 1), "tb_per_s": round(w.numel() * 5 / us / 1e6, 2)}
     return {"check": "nf4_dequant", "ok": bool(same), "same_bits": bool(same), **timing}
 
 
-def _cuda_us(fn: Any) -> float:
-    """Microseconds a call of fn takes on the GPU (3 warm-up calls, 20 timed)."""
+def _cuda_us(fn: Any, warm: int = 3, timed: int = 20) -> float:
+    """Microseconds a call of fn takes on the GPU (`warm` calls first, then the mean of `timed`)."""
     import torch
 
-    for _ in range(3):
+    for _ in range(warm):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(20):
+    for _ in range(timed):
         fn()
     end.record()
     torch.cuda.synchronize()
-    return round(start.elapsed_time(end) * 50, 1)
+    return round(start.elapsed_time(end) * 1000 / timed, 1)
 
 
 def _dropped_grad_row(n: int, k: int) -> dict[str, Any]:

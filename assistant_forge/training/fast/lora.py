@@ -195,9 +195,9 @@ def lora_linear(
         weights, absmax, blocksize, quant_type, rows = group_weight_args(bases)
         bias = _stacked_bias(bases, x.dtype)
         op = once(make_lora_op)
-        y = op(x2, a, b, weights, absmax, bias, float(scale), float(p), blocksize, quant_type, rows, discard)[
-            0
-        ]
+        y, _xa, _keep = op(
+            x2, a, b, weights, absmax, bias, float(scale), float(p), blocksize, quant_type, rows, discard
+        )
     else:
         y = once(make_lora_fn).apply(x2, a, b, tuple(bases), float(scale), float(p), discard)
     return y.view(*lead, y.shape[-1])
