@@ -141,18 +141,22 @@ def peak_breakdown(snapshot: dict, allocated_at_start: int, rows: int = 30) -> s
         if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)
     ]
     trace = next((t for t in snapshot.get("device_traces", []) if t), [])
-    live: dict[int, tuple[int, str]] = {}
+    # First the peak's place in the trace, then what was live there (one copy, not one per new peak).
     total = peak = allocated_at_start
-    at_peak: dict[int, tuple[int, str]] = {}
-    for e in trace:
+    end = 0
+    for i, e in enumerate(trace):
         if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], _where(e.get("frames", [])))
             total += e["size"]
             if total > peak:
-                peak, at_peak = total, dict(live)
+                peak, end = total, i + 1
         elif e["action"] == "free_requested":  # where torch's allocated count drops
             total -= e["size"]
-            live.pop(e["addr"], None)
+    at_peak: dict[int, tuple[int, str]] = {}
+    for e in trace[:end]:
+        if e["action"] == "alloc":
+            at_peak[e["addr"]] = (e["size"], _where(e.get("frames", [])))
+        elif e["action"] == "free_requested":
+            at_peak.pop(e["addr"], None)
     by_where: collections.Counter[str] = collections.Counter()
     in_pool = 0
     for addr, (size, where) in at_peak.items():
